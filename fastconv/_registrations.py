@@ -1,0 +1,240 @@
+"""Fake (meta) kernels and autograd formulas for the fastconv ops, through torch.library.
+
+The C++ side (csrc/fastconv.cpp) declares the schemas and registers the CPU / CUDA kernels;
+this module makes the ops traceable (torch.compile, FakeTensor, opcheck) and differentiable.
+Backward ops are ops of their own; differentiating through them again (double backward)
+raises a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as C
+
+lib = torch.library
+
+# --------------------------------------------------------------------------------------------
+# fake kernels: validate exactly like C++ and describe the output (shape, dtype, layout)
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(shape, like, memory_format, dtype=None):
+    return torch.empty(
+        shape, dtype=like.dtype if dtype is None else dtype, device=like.device,
+        memory_format=memory_format,
+    )
+
+
+@lib.register_fake("fastconv::conv2d")
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, algo="auto"):
+    op = "conv2d"
+    C.check_algo(op, algo)
+    C.check_dtype(op, "input", input)
+    C.check_same(op, "weight", weight, "input", input)
+    shape = C.conv2d_shapes(op, input.shape, weight.shape, stride, padding, dilation, groups)
+    C.check_bias(op, bias, input, shape[1])
+    return _empty(shape, input, C.conv_memory_format(input, weight))
+
+
+@lib.register_fake("fastconv::_conv2d_grad_input")
+def _conv2d_grad_input_fake(grad_output, weight, input_size, stride, padding, dilation, groups,
+                            algo="auto"):
+    op = "_conv2d_grad_input"
+    C.check_algo(op, algo)
+    out_shape = C.conv2d_shapes(op, input_size, weight.shape, stride, padding, dilation, groups)
+    C.check_grad_output(op, grad_output, weight, "weight", out_shape)
+    return _empty(list(input_size), grad_output, C.conv_memory_format(grad_output, weight))
+
+
+@lib.register_fake("fastconv::_conv2d_grad_weight")
+def _conv2d_grad_weight_fake(grad_output, input, weight_size, stride, padding, dilation, groups,
+                             algo="auto"):
+    op = "_conv2d_grad_weight"
+    C.check_algo(op, algo)
+    out_shape = C.conv2d_shapes(op, input.shape, weight_size, stride, padding, dilation, groups)
+    C.check_grad_output(op, grad_output, input, "input", out_shape)
+    return _empty(list(weight_size), grad_output, torch.contiguous_format)
+
+
+@lib.register_fake("fastconv::depthwise_conv2d")
+def _depthwise_fake(input, weight, bias, stride, padding, dilation):
+    op = "depthwise_conv2d"
+    C.check_dtype(op, "input", input)
+    C.check_same(op, "weight", weight, "input", input)
+    shape = C.depthwise_shapes(op, input.shape, weight.shape, stride, padding, dilation)
+    C.check_bias(op, bias, input, shape[1])
+    return _empty(shape, input, C.conv_memory_format(input, weight))
+
+
+@lib.register_fake("fastconv::_depthwise_conv2d_grad_input")
+def _depthwise_grad_input_fake(grad_output, weight, input_size, stride, padding, dilation):
+    op = "_depthwise_conv2d_grad_input"
+    out_shape = C.depthwise_shapes(op, input_size, weight.shape, stride, padding, dilation)
+    C.check_grad_output(op, grad_output, weight, "weight", out_shape)
+    return _empty(list(input_size), grad_output, C.conv_memory_format(grad_output, weight))
+
+
+@lib.register_fake("fastconv::_depthwise_conv2d_grad_weight")
+def _depthwise_grad_weight_fake(grad_output, input, weight_size, stride, padding, dilation):
+    op = "_depthwise_conv2d_grad_weight"
+    out_shape = C.depthwise_shapes(op, input.shape, weight_size, stride, padding, dilation)
+    C.check_grad_output(op, grad_output, input, "input", out_shape)
+    return _empty(list(weight_size), grad_output, torch.contiguous_format)
+
+
+def _index_dtype(mode, kernel_size):
+    if mode == "compact" and kernel_size[0] * kernel_size[1] <= 256:
+        return torch.uint8
+    return torch.int64
+
+
+@lib.register_fake("fastconv::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode=False,
+                     indices="full"):
+    op = "max_pool2d"
+    C.check_pool_indices(op, indices)
+    C.check_dtype(op, "input", input)
+    shape = C.max_pool2d_shapes(op, input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    fmt = C.suggest_memory_format(input)
+    out = _empty(shape, input, fmt)
+    if indices == "none":
+        idx = torch.empty((0,), dtype=torch.int64, device=input.device)
+    else:
+        idx = _empty(shape, input, fmt, dtype=_index_dtype(indices, kernel_size))
+    return out, idx
+
+
+@lib.register_fake("fastconv::_max_pool2d_backward")
+def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation,
+                              ceil_mode=False):
+    op = "_max_pool2d_backward"
+    C.check_dtype(op, "input", input)
+    C.check_same(op, "grad_output", grad_output, "input", input)
+    shape = C.max_pool2d_shapes(op, input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    _check_pool_backward_args(op, grad_output, input, indices, shape, kernel_size)
+    return _empty(list(input.shape), input, C.suggest_memory_format(input))
+
+
+def _check_pool_backward_args(op, grad_output, input, indices, out_shape, kernel_size):
+    if list(grad_output.shape) != list(out_shape):
+        raise ValueError(
+            f"{op}: expected grad_output of shape {list(out_shape)}, but got {list(grad_output.shape)}"
+        )
+    if indices.dtype not in (torch.int64, torch.uint8) or list(indices.shape) != list(out_shape):
+        raise ValueError(
+            f"{op}: expected indices of shape {list(out_shape)} with dtype int64 (or uint8 compact "
+            f"indices), but got shape {list(indices.shape)} and dtype {indices.dtype}; the forward "
+            f"must be called with indices='full' or 'compact' for a backward"
+        )
+    if indices.dtype == torch.uint8 and kernel_size[0] * kernel_size[1] > 256:
+        raise ValueError(
+            f"{op}: uint8 (compact) indices need a window of at most 256 taps, but kernel_size is "
+            f"{list(kernel_size)}"
+        )
+    if indices.device != input.device:
+        raise RuntimeError(
+            f"{op}: expected indices to be on the same device as input ({input.device}), but got "
+            f"{indices.device}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, algo = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups, algo)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation, groups, algo = ctx.conv_args
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastconv._conv2d_grad_input(
+            grad, weight, list(input.shape), stride, padding, dilation, groups, algo)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.ops.fastconv._conv2d_grad_weight(
+            grad, input, list(weight.shape), stride, padding, dilation, groups, algo)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+lib.register_autograd("fastconv::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+def _depthwise_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (list(stride), list(padding), list(dilation))
+    ctx.has_bias = bias is not None
+
+
+def _depthwise_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastconv._depthwise_conv2d_grad_input(
+            grad, weight, list(input.shape), stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.ops.fastconv._depthwise_conv2d_grad_weight(
+            grad, input, list(weight.shape), stride, padding, dilation)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias, None, None, None
+
+
+lib.register_autograd(
+    "fastconv::depthwise_conv2d", _depthwise_backward, setup_context=_depthwise_setup_context)
+
+
+def _max_pool2d_setup_context(ctx, inputs, output):
+    input, kernel_size, stride, padding, dilation, ceil_mode, indices_mode = inputs
+    _, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(input, indices)
+    ctx.pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
+    ctx.indices_mode = indices_mode
+
+
+def _max_pool2d_backward(ctx, grad, _grad_indices):
+    input, indices = ctx.saved_tensors
+    if ctx.indices_mode == "none":
+        raise RuntimeError(
+            "max_pool2d: the backward needs the forward's indices, but the op was called with "
+            "indices='none'; call it with indices='compact' (or 'full'), as "
+            "fastconv.max_pool2d does when the input requires grad"
+        )
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastconv._max_pool2d_backward(grad, input, indices, *ctx.pool_args)
+    return grad_input, None, None, None, None, None, None
+
+
+lib.register_autograd(
+    "fastconv::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup_context)
+
+
+def _no_double_backward(name):
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastconv: double backward is not supported: {name} (a backward op) has no derivative "
+            f"of its own; use torch.nn.functional for higher-order gradients"
+        )
+
+    lib.register_autograd(f"fastconv::{name}", backward, setup_context=setup_context)
+
+
+for _name in ("_conv2d_grad_input", "_conv2d_grad_weight", "_depthwise_conv2d_grad_input",
+              "_depthwise_conv2d_grad_weight", "_max_pool2d_backward"):
+    _no_double_backward(_name)

@@ -1,0 +1,2 @@
+def convert(*a, **k): raise NotImplementedError
+def revert(*a, **k): raise NotImplementedError
