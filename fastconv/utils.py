@@ -154,11 +154,12 @@ def pool2d_output_size(size: IntOrPair, kernel_size: IntOrPair, stride: IntOrPai
 # receptive fields
 # --------------------------------------------------------------------------------------------
 
-# Children with these names are side branches, not the main path: the shortcut projection of a
-# residual block (added back after the main path, so it never widens the field) and
-# squeeze-and-excitation blocks (a global pool that only rescales channels).
-BRANCH_NAMES = frozenset({"downsample", "shortcut", "skip", "se", "squeeze_excite",
-                          "squeeze_excitation"})
+# Children whose attribute name or class name is one of these are side branches, not the main
+# path: the shortcut projection of a residual block (added back after the main path, so it
+# never widens the field) and squeeze-and-excitation blocks (a global pool whose result only
+# rescales channels).
+BRANCH_NAMES = frozenset({"downsample", "shortcut", "skip", "se", "SqueezeExcitation",
+                          "SqueezeExcite", "SELayer", "SEBlock"})
 
 # Layers that end the spatial part of a network: from here on every unit sees the whole input.
 _STOP = (nn.Flatten, nn.Linear)
@@ -223,7 +224,7 @@ def _walk(module: nn.Module, prefix: str, branches):
         yield prefix, module
         return
     for name, child in children:
-        if name in branches:
+        if name in branches or type(child).__name__ in branches:
             continue
         yield from _walk(child, f"{prefix}.{name}" if prefix else name, branches)
 
@@ -266,10 +267,12 @@ def receptive_field(model_or_layers: Union[nn.Module, Iterable], input_size: Int
 
     Branches: a residual block computes main(x) + shortcut(x); the shortcut (1x1 projection,
     possibly strided) reaches the same output positions with a field no larger than the main
-    path's, so the field is the main path's. Children named in `branches` (default
-    BRANCH_NAMES: downsample, shortcut, skip, se, ...) are therefore skipped, and so are
-    squeeze-and-excitation blocks, whose global pool only rescales channels. Note that the
-    result is the *theoretical* field; the effective one is smaller.
+    path's, so the field is the main path's. Children whose attribute name or class name is in
+    `branches` (default BRANCH_NAMES: downsample, shortcut, skip, se, SqueezeExcitation, ...)
+    are therefore skipped; squeeze-and-excitation blocks are skipped too, since their global
+    pool only rescales channels (strictly it makes every output depend on the whole feature
+    map; the field reported is the spatial one). This is the *theoretical* field; the
+    effective one (where the gradient is large) is smaller.
 
     Returns one LayerRF per spatial layer (name, kind, output_size, receptive_field, jump,
     start), each an (h, w) pair.
