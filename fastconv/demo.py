@@ -11,8 +11,8 @@ amplifies it; the JSON summary and the table give the largest difference.
 
 Data: sklearn.datasets.load_digits (1797 8x8 images shipped with scikit-learn, nothing is
 downloaded), a fixed stratified 80/20 split (1437 / 360, independent of --seed), scaled to
-[0, 1], standardised with the training mean and std and upsampled (bilinear) to 32x32, the
-input size fastconv.models.MODELS are sized for.
+[0, 1], upsampled (bilinear) to 32x32, the input size fastconv.models.MODELS are sized for,
+and standardised with the training mean and std.
 
 Written to --out: <model>_curves.png (loss / accuracy of both runs and the per-step loss
 difference), <model>_filters.png (first-layer filters), <model>_feature_maps.png (one test
@@ -169,8 +169,8 @@ def _resolve(args):
 def load_digits_split(limit=None, size=INPUT_SIZE):
     """(x_train, y_train, x_test, y_test, images_test_8x8) as CPU tensors.
 
-    Fixed stratified split; standardised with the training statistics; bilinear upsampling
-    from 8x8 to `size` x `size` (the images stay smooth digits, just sampled more finely).
+    Fixed stratified split; bilinear upsampling from 8x8 to `size` x `size` (the images stay
+    smooth digits, just sampled more finely), then standardised with the training statistics.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -184,17 +184,12 @@ def load_digits_split(limit=None, size=INPUT_SIZE):
     idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
     if limit is not None:
         idx_train, idx_test = idx_train[:limit], idx_test[:limit]
+    raw_test = x[idx_test]
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x_train, x_test = x[idx_train], x[idx_test]
     mean, std = x_train.mean(), x_train.std()
-    raw_test = x_test.clone()
-
-    def prep(t):
-        t = (t - mean) / std
-        if size != t.shape[-1]:
-            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-        return t
-
-    return prep(x_train), y[idx_train], prep(x_test), y[idx_test], raw_test
+    return (x_train - mean) / std, y[idx_train], (x_test - mean) / std, y[idx_test], raw_test
 
 
 # --------------------------------------------------------------------------------------------
