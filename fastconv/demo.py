@@ -62,7 +62,8 @@ def _positive_int(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, but got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value}")
     return value
@@ -72,7 +73,8 @@ def _positive_float(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, but got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number, but got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a positive number, but got {text}")
     return value
@@ -82,7 +84,8 @@ def _non_negative_int(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, but got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, but got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, but got {value}")
     return value
@@ -106,7 +109,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=_positive_int, default=64,
                         help="training batch size (default: 64)")
     parser.add_argument("--lr", type=_positive_float, default=0.05,
-                        help="SGD learning rate, momentum 0.9 (default: 0.05)")
+                        help="peak SGD learning rate (momentum 0.9, cosine decay to 0 over the "
+                             "run; default: 0.05)")
     parser.add_argument("--seed", type=_non_negative_int, default=0,
                         help="seed for the initial weights, batch order and dropout (default: 0)")
     parser.add_argument("--limit", type=_positive_int, default=None,
@@ -207,11 +211,15 @@ class Run:
     global-RNG state (dropout draws from the global generator; each run gets the same
     stream, no matter how the two runs are interleaved)."""
 
-    def __init__(self, label, model, args, device):
+    def __init__(self, label, model, args, device, total_steps=None):
         self.label = label
         self.model = model
         self.device = device
         self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        # cosine decay to 0 over the whole training, per step: the BatchNorm models end on
+        # settled weights, so their eval-mode accuracy does not jump around in the last epochs
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
+                          if total_steps else None)
         self.order = torch.Generator().manual_seed(args.seed)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed + 1)
@@ -248,6 +256,8 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             losses.append(loss.detach() * len(idx))
             correct += (out.argmax(1) == yb).sum()
             progress.step()
@@ -342,15 +352,17 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
     for (k, a), b in zip(reference.state_dict().items(), converted.state_dict().values()):
         if not torch.equal(a, b):  # convert must keep every weight bit for bit
             raise RuntimeError(f"{name}: fastconv.convert changed {k}")
-    runs = [Run("torch.nn", reference, args, device), Run("fastconv", converted, args, device)]
-    n_params = sum(p.numel() for p in reference.parameters())
     nb = math.ceil(len(y_train) / args.batch_size)
+    runs = [Run("torch.nn", reference, args, device, nb * args.epochs),
+            Run("fastconv", converted, args, device, nb * args.epochs)]
+    n_params = sum(p.numel() for p in reference.parameters())
     tol = LOSS_TOLERANCE[dtype]
 
     conv_desc = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "nothing"
     print(f"\n== {name}: {n_params:,} parameters; fastconv.convert swapped {conv_desc}", file=out)
     print(f"   {len(y_train)} train / {len(y_test)} test digits at 1x{INPUT_SIZE}x{INPUT_SIZE}, "
-          f"{device.type}, {str(dtype).replace('torch.', '')}, SGD lr {args.lr:g} momentum 0.9, "
+          f"{device.type}, {str(dtype).replace('torch.', '')}, SGD lr {args.lr:g} (cosine) "
+          "momentum 0.9, "
           f"batch {args.batch_size}, seed {args.seed}", file=out)
     header = (f"{'epoch':>7} | {'torch.nn':>8} {'loss':>7} {'train':>6} {'test':>6} | "
               f"{'fastconv':>8} {'loss':>7} {'train':>6} {'test':>6} | {'max|dloss|':>10} | "
@@ -714,7 +726,8 @@ def run(args) -> int:
     doc = {
         "settings": {
             "models": names, "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "momentum": 0.9, "optimizer": "SGD", "seed": args.seed,
+            "lr": args.lr, "momentum": 0.9, "optimizer": "SGD", "lr_schedule": "cosine per step",
+            "seed": args.seed,
             "limit": args.limit, "dtype": args.dtype, "device": str(device),
             "input_size": [1, INPUT_SIZE, INPUT_SIZE], "split_seed": SPLIT_SEED,
             "test_fraction": TEST_FRACTION,

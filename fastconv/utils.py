@@ -11,11 +11,11 @@ Receptive-field arithmetic (per spatial dimension, for a layer with kernel k, st
 padding p, dilation d, effective kernel k' = d(k - 1) + 1, applied to an input with jump j
 and receptive field r):
 
-    jump   j_out = j * s                       distance, in input pixels, between neighbouring outputs
-    rf     r_out = r + (k' - 1) * j            input pixels one output depends on (without clipping
-                                               at the border)
-    start  c_out = c + ((k' - 1) / 2 - p) * j  input coordinate of the centre of output 0's field
-                                               (input pixel i has centre i; may be negative
+    jump   j_out = j * s                       input pixels between neighbouring outputs
+    rf     r_out = r + (k' - 1) * j            input pixels one output depends on (before
+                                               clipping at the border)
+    start  c_out = c + ((k' - 1) / 2 - p) * j  input coordinate of the centre of output 0's
+                                               field (input pixel i has centre i; negative
                                                when padding makes the field stick out)
 
 Output unit i then sees input pixels [c + i*j - (r - 1)/2, c + i*j + (r - 1)/2] (clipped to the

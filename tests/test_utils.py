@@ -8,8 +8,7 @@ from torch import nn
 
 import fastconv
 from fastconv import utils
-from fastconv.utils import (conv2d_output_size, layer_shapes, pool2d_output_size,
-                            receptive_field)
+from fastconv.utils import conv2d_output_size, layer_shapes, pool2d_output_size, receptive_field
 
 
 def _conv_layer(impl, **kw):
@@ -244,7 +243,8 @@ def test_receptive_field_matches_gradient_support(seed):
     cols = x.grad[0, 0].abs().sum(0).nonzero().flatten()
     for dim, idx, found in ((0, i, rows), (1, j, cols)):
         centre = rf.start[dim] + idx * rf.jump[dim]
-        lo, hi = centre - (rf.receptive_field[dim] - 1) / 2, centre + (rf.receptive_field[dim] - 1) / 2
+        half = (rf.receptive_field[dim] - 1) / 2
+        lo, hi = centre - half, centre + half
         assert 0 <= lo and hi < size[dim], "test setup: field must lie inside the input"
         assert (found.min().item(), found.max().item()) == (lo, hi), (layers, dim)
 
