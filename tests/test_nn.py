@@ -150,6 +150,12 @@ def test_pickle_and_deepcopy():
     loaded = torch.load(buf, weights_only=False)
     assert type(loaded) is fnn.Conv2d and loaded.algo == "im2col"
     assert torch.equal(loaded.weight, conv.weight)
+    # a pickle from before `algo` existed loads as algo='auto'
+    state = dict(conv.__dict__)
+    del state["_algo"]
+    old = fnn.Conv2d.__new__(fnn.Conv2d)
+    old.__setstate__(state)
+    assert old.algo == "auto"
     dup = copy.deepcopy(conv)
     assert dup.algo == "im2col" and dup.weight is not conv.weight
     x = torch.randn(1, 2, 5, 5, dtype=F64)
