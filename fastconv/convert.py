@@ -121,8 +121,8 @@ def _convert_decision(name, module, filter_fn, algo):
     if t is not base:
         if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
             return None, "lazy module not materialised yet (run one forward first)"
-        own = "overrides forward" if t.forward is not base.forward else "a subclass"
-        return None, (f"{_type_name(t)} {own} of {_type_name(base)}; only exact "
+        own = " that overrides forward" if t.forward is not base.forward else ""
+        return None, (f"{_type_name(t)} is a subclass of {_type_name(base)}{own}; only exact "
                       f"{_type_name(base)} modules are converted")
     if "forward" in module.__dict__:
         return None, "the instance's forward was replaced; converting would bypass it"

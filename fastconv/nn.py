@@ -106,6 +106,11 @@ class Conv2d(torch.nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.weight, self.bias)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_algo" not in self.__dict__:  # pickled before `algo` existed
+            self._algo = "auto"
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.algo == "auto" else f"{s}, algo={self.algo!r}"
