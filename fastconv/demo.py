@@ -41,12 +41,21 @@ SPLIT_SEED = 0           # the split is fixed, whatever --seed says
 DEFAULT_MODELS = "simplecnn,mobilenet"
 DEFAULT_EPOCHS = 8
 
-# Largest |loss(torch.nn run) - loss(fastconv run)| over every training step that is still
-# "the same run up to rounding". Both runs start from bit-identical weights and data; the
-# kernels sum in a different order, so the first steps differ by ~1e-7 relative (float32) and
-# SGD amplifies that slowly over a few epochs. A real bug (a wrong gradient, a wrong pooling
-# index) moves the loss by 1e-2 or more within the first epoch.
-LOSS_TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-9}
+# What "the same up to floating-point rounding" means here, per dtype.
+#
+# Lockstep check (the verdict): at the start and after every epoch the torch.nn run's current
+# weights are loaded into a torch.nn copy and a fastconv copy, and both do one forward and
+# backward on the same batch with the same dropout mask. Only the kernels' summation order
+# differs, so in float32 the loss agrees to ~1e-7 and the gradients to ~1e-6 of their largest
+# entry; a wrong gradient or pooling index shows up as 1e-2 or more. Limits: |loss difference|
+# and max |gradient difference| / max |gradient|.
+LOCKSTEP_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.float64: (1e-10, 1e-8)}
+# The two independent runs (torch.nn from start to end, fastconv from start to end) begin
+# equally close, but SGD amplifies any difference, rounding included (in float32 the per-step
+# loss difference grows from ~1e-7 in the first epoch to ~1e-2 within a few epochs, as it
+# would between two torch runs that sum in a different order). Their difference is reported,
+# not judged, except over the first epoch, where it must still be rounding-sized.
+FIRST_EPOCH_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 class DemoError(ValueError):
@@ -335,6 +344,37 @@ def _fmt_pct(v):
     return f"{100 * v:5.1f}%"
 
 
+class Lockstep:
+    """One forward + backward of the torch.nn run's current weights through torch.nn layers
+    and through fastconv's, on the same batch with the same dropout mask (scratch copies of
+    both models, so neither training run is touched)."""
+
+    def __init__(self, reference, converted, x, y, seed):
+        self.models = (copy.deepcopy(reference), copy.deepcopy(converted))
+        self.x, self.y, self.seed = x, y, seed
+        self.device = x.device
+
+    def __call__(self, weights):
+        state = weights.state_dict()
+        losses, grads = [], []
+        devices = [self.device] if self.device.type == "cuda" else []
+        for m in self.models:
+            m.load_state_dict(state)
+            m.train()
+            m.zero_grad(set_to_none=True)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                loss = F.cross_entropy(m(self.x), self.y)
+                loss.backward()
+            losses.append(loss.item())
+            grads.append([p.grad for p in m.parameters()])
+        scale = max(g.abs().max().item() for g in grads[0] if g is not None) or 1.0
+        gdiff = max(((a - b).abs().max().item() for a, b in zip(*grads)
+                     if a is not None and b is not None), default=0.0)
+        return {"loss_torch": losses[0], "loss_fastconv": losses[1],
+                "abs_loss_diff": abs(losses[0] - losses[1]), "rel_grad_diff": gdiff / scale}
+
+
 def train_pair(name, data, args, device, dtype, out_stream=None):
     """Train model `name` with torch.nn layers and with fastconv's; return the summary dict and
     the two trained models."""
@@ -356,7 +396,12 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
     runs = [Run("torch.nn", reference, args, device, nb * args.epochs),
             Run("fastconv", converted, args, device, nb * args.epochs)]
     n_params = sum(p.numel() for p in reference.parameters())
-    tol = LOSS_TOLERANCE[dtype]
+    lockstep = Lockstep(reference, converted, x_train[:args.batch_size],
+                        y_train[:args.batch_size], args.seed + 2)
+    checks = [dict(lockstep(reference), after_epoch=0)]
+    tol_loss, tol_grad = LOCKSTEP_TOLERANCE[dtype]
+    tol_first = FIRST_EPOCH_TOLERANCE[dtype]
+    dname = str(dtype).replace("torch.", "")
 
     conv_desc = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "nothing"
     print(f"\n== {name}: {n_params:,} parameters; fastconv.convert swapped {conv_desc}", file=out)
@@ -365,8 +410,11 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
           "momentum 0.9, "
           f"batch {args.batch_size}, seed {args.seed}", file=out)
     header = (f"{'epoch':>7} | {'torch.nn':>8} {'loss':>7} {'train':>6} {'test':>6} | "
-              f"{'fastconv':>8} {'loss':>7} {'train':>6} {'test':>6} | {'max|dloss|':>10} | "
-              f"{'time torch.nn / fastconv':>24}")
+              f"{'fastconv':>8} {'loss':>7} {'train':>6} {'test':>6} | {'|dloss| runs':>12} "
+              f"{'same w':>8} | {'time torch.nn / fastconv':>24}")
+    print("   |dloss| runs: largest per-step loss difference between the two runs this epoch;"
+          " same w: loss difference\n   for the torch.nn run's weights after the epoch through"
+          " both layer kinds (same batch)", file=out)
     print(header, file=out)
     print("-" * len(header), file=out)
     out.flush()
@@ -388,31 +436,41 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         step_diff = max(abs(a - b) for a, b in zip(runs[0].step_losses[steps],
                                                     runs[1].step_losses[steps]))
         row["max_abs_step_loss_diff"] = step_diff
+        checks.append(dict(lockstep(reference), after_epoch=epoch))
+        row["lockstep"] = checks[-1]
         epochs.append(row)
         t, f = row["torch"], row["fastconv"]
         print(f"{epoch:>3}/{args.epochs:<3} | {'':>8} {t['train_loss']:7.4f} "
               f"{_fmt_pct(t['train_acc'])} {_fmt_pct(t['test_acc'])} | {'':>8} "
               f"{f['train_loss']:7.4f} {_fmt_pct(f['train_acc'])} {_fmt_pct(f['test_acc'])} | "
-              f"{step_diff:10.2e} | {t['time_s']:9.2f}s / {f['time_s']:7.2f}s", file=out)
+              f"{step_diff:12.2e} {checks[-1]['abs_loss_diff']:8.1e} | "
+              f"{t['time_s']:9.2f}s / {f['time_s']:7.2f}s", file=out)
         out.flush()
 
     a, b = runs[0].step_losses, runs[1].step_losses
     max_diff = max(abs(u - v) for u, v in zip(a, b))
-    max_rel = max(abs(u - v) / max(abs(u), 1e-12) for u, v in zip(a, b))
+    first = epochs[0]["max_abs_step_loss_diff"]
     param_diff = max((p - q).abs().max().item() for p, q in
                      zip(reference.parameters(), converted.parameters()))
+    ls_loss = max(c["abs_loss_diff"] for c in checks)
+    ls_grad = max(c["rel_grad_diff"] for c in checks)
+    within = ls_loss <= tol_loss and ls_grad <= tol_grad and first <= tol_first
     agree = (runs[0].preds == runs[1].preds).float().mean().item()
     ratio = runs[1].time_s / runs[0].time_s if runs[0].time_s > 0 else float("nan")
-    within = max_diff <= tol
     final_t, final_f = epochs[-1]["torch"]["test_acc"], epochs[-1]["fastconv"]["test_acc"]
     print(f"   final test accuracy: torch.nn {_fmt_pct(final_t).strip()}, fastconv "
           f"{_fmt_pct(final_f).strip()}; predictions agree on {_fmt_pct(agree).strip()} of the "
           f"test set", file=out)
-    print(f"   max |loss difference| over {len(a)} steps: {max_diff:.2e} (relative {max_rel:.1e}),"
-          f" max |weight difference| {param_diff:.1e}: "
-          + ("within" if within else "OUTSIDE")
-          + f" the expected {str(dtype).replace('torch.', '')} rounding tolerance {tol:g}",
-          file=out)
+    print(f"   same weights, same batch ({len(checks)} checks): max |loss difference| "
+          f"{ls_loss:.1e}, max gradient difference {ls_grad:.1e} of the largest gradient "
+          f"(tolerance {tol_loss:g} / {tol_grad:g})", file=out)
+    print(f"   the two runs: max |loss difference| {first:.1e} in epoch 1 (tolerance "
+          f"{tol_first:g}), {max_diff:.1e} over all {len(a)} steps; final max |weight "
+          f"difference| {param_diff:.1e}", file=out)
+    print("   " + ("=> the same up to " if within else "=> OUTSIDE ") + f"{dname} rounding"
+          + ("" if within else " (see summary.json)")
+          + ("; later drift between the runs is rounding amplified by SGD"
+             if within and max_diff > tol_first else ""), file=out)
     print(f"   training time: torch.nn {runs[0].time_s:.2f}s, fastconv {runs[1].time_s:.2f}s "
           f"(fastconv / torch.nn = {ratio:.2f}x)", file=out)
     summary = {
@@ -422,10 +480,14 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         "epochs": epochs,
         "step_losses": {"torch": a, "fastconv": b},
         "max_abs_loss_diff": max_diff,
-        "max_rel_loss_diff": max_rel,
+        "first_epoch_max_abs_loss_diff": first,
         "max_abs_epoch_loss_diff": max(abs(r["torch"]["train_loss"] - r["fastconv"]["train_loss"])
                                        for r in epochs),
-        "loss_tolerance": tol,
+        "lockstep": checks,
+        "lockstep_max_abs_loss_diff": ls_loss,
+        "lockstep_max_rel_grad_diff": ls_grad,
+        "tolerance": {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad,
+                      "first_epoch_loss": tol_first},
         "within_tolerance": within,
         "max_abs_weight_diff": param_diff,
         "prediction_agreement": agree,
@@ -481,10 +543,15 @@ def plot_curves(summary, path):
     diff = [abs(u - v) for u, v in zip(a, b)]
     steps_per_epoch = len(a) / max(1, len(ep))
     x = [(i + 1) / steps_per_epoch for i in range(len(diff))]
-    axes[2].semilogy(x, [max(d, 1e-16) for d in diff], color="black", lw=1)
-    axes[2].axhline(summary["loss_tolerance"], color="tab:red", ls=":",
-                    label=f"tolerance {summary['loss_tolerance']:g}")
-    axes[2].set(title="|loss(torch.nn) - loss(fastconv)| per step", xlabel="epoch",
+    floor = 1e-17  # exact agreement drawn at the bottom of the log axis
+    axes[2].semilogy(x, [max(d, floor) for d in diff], color="black", lw=1,
+                     label="the two runs, per step")
+    ls = summary["lockstep"]
+    axes[2].semilogy([c["after_epoch"] for c in ls], [max(c["abs_loss_diff"], floor) for c in ls],
+                     "o", color="tab:red", ms=5, label="same weights and batch")
+    axes[2].axhline(summary["tolerance"]["lockstep_loss"], color="tab:red", ls=":",
+                    label=f"same-weights tolerance {summary['tolerance']['lockstep_loss']:g}")
+    axes[2].set(title="|loss(torch.nn) - loss(fastconv)|", xlabel="epoch",
                 ylabel="absolute difference")
     axes[2].grid(alpha=0.3, which="both")
     axes[2].legend(fontsize=8)
@@ -736,7 +803,8 @@ def run(args) -> int:
         "environment": _environment(device),
         "models": results,
         "max_abs_loss_diff": max(r["max_abs_loss_diff"] for r in results),
-        "loss_tolerance": LOSS_TOLERANCE[dtype],
+        "lockstep_max_abs_loss_diff": max(r["lockstep_max_abs_loss_diff"] for r in results),
+        "tolerance": results[0]["tolerance"],
         "within_tolerance": all(r["within_tolerance"] for r in results),
         "total_time_s": total,
     }
@@ -747,7 +815,7 @@ def run(args) -> int:
                                  " and the PNGs (curves, filters, feature maps, confusion) to "
                                  f"{args.out}") + f"; total {total:.1f}s")
     if not doc["within_tolerance"]:
-        print("fastconv demo: warning: the two runs differ by more than floating-point "
-              "rounding explains; see summary.json", file=sys.stderr)
+        print("fastconv demo: warning: torch.nn and fastconv layers differ by more than "
+              "floating-point rounding explains; see summary.json", file=sys.stderr)
         return 1
     return 0
