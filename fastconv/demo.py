@@ -533,7 +533,10 @@ def plot_curves(summary, path):
                      label=f"{lname} test", **{**st, "color": "tab:green" if key == "torch"
                                                 else "tab:purple"})
     axes[0].set(title="cross-entropy loss", xlabel="epoch", ylabel="loss")
-    axes[0].set_yscale("log")
+    losses = [r[k][m] for r in summary["epochs"] for k in styles
+              for m in ("train_loss", "test_loss")]
+    if min(losses) > 0 and max(losses) / min(losses) > 20:  # log only where it helps
+        axes[0].set_yscale("log")
     axes[1].set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
@@ -555,8 +558,12 @@ def plot_curves(summary, path):
                 ylabel="absolute difference")
     axes[2].grid(alpha=0.3, which="both")
     axes[2].legend(fontsize=8)
+    if any(d == 0 for d in diff) or any(c["abs_loss_diff"] == 0 for c in ls):
+        axes[2].text(0.01, 0.01, "exactly equal: drawn at 1e-17", fontsize=7, color="gray",
+                     transform=axes[2].transAxes)
     fig.suptitle(f"{summary['model']}: torch.nn vs fastconv layers, same initial weights and "
-                 f"batches (max |loss diff| {summary['max_abs_loss_diff']:.1e})")
+                 f"batches (max |loss difference| between the runs "
+                 f"{summary['max_abs_loss_diff']:.1e})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
