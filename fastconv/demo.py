@@ -46,19 +46,23 @@ DEFAULT_EPOCHS = 8
 
 # What "the same up to floating-point rounding" means here, per dtype.
 #
-# Lockstep check (the verdict): at the start and after every epoch the torch.nn run's current
-# weights are loaded into a torch.nn copy and a fastconv copy, and both do one forward and
-# backward on the same batch with the same dropout mask. Only the kernels' summation order
-# differs, so in float32 the loss agrees to ~1e-7 and the gradients to ~1e-6 of their largest
-# entry; a wrong gradient or pooling index shows up as 1e-2 or more. Limits: |loss difference|
-# and max |gradient difference| / max |gradient|.
+# The verdict is a lockstep check: at the start and after every epoch the torch.nn run's
+# current weights are loaded into a torch.nn copy and a fastconv copy, and both do one
+# forward and backward on the same batch with the same dropout mask. Only the kernels'
+# summation order differs, so in float32 the loss agrees to ~1e-7 and every parameter's
+# gradient to ~1e-5 of its largest entry (measured: torch's own float32 gradients are as far
+# from a float64 computation); a wrong gradient or pooling index gives 1e-2 or more.
+# Limits: |loss difference|, and max over parameters of max |gradient difference| /
+# max(max |gradient of that parameter|, 1e-2 * max |any gradient|) -- the floor keeps
+# parameters whose gradient is ~0 (a bias right before BatchNorm) from dividing by noise.
 LOCKSTEP_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.float64: (1e-10, 1e-8)}
-# The two independent runs (torch.nn from start to end, fastconv from start to end) begin
-# equally close, but SGD amplifies any difference, rounding included (in float32 the per-step
-# loss difference grows from ~1e-7 in the first epoch to ~1e-2 within a few epochs, as it
-# would between two torch runs that sum in a different order). Their difference is reported,
-# not judged, except over the first epoch, where it must still be rounding-sized.
-FIRST_EPOCH_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+#
+# The two independent runs (torch.nn from start to end, fastconv from start to end) start
+# equally close, but SGD amplifies any difference, rounding included: in float32 SimpleCNN's
+# per-step losses stay within ~1e-6 for its first epoch and drift to ~1e-2 later; MobileNet
+# (BatchNorm, SiLU, squeeze-and-excitation, lr 0.05) drifts to ~1e-3 within five steps. Two
+# torch runs that summed in a different order would drift the same way, so this difference is
+# reported (table, curves, JSON), not judged.
 
 
 class DemoError(ValueError):
@@ -370,11 +374,13 @@ class Lockstep:
                 loss.backward()
             losses.append(loss.item())
             grads.append([p.grad for p in m.parameters()])
-        scale = max(g.abs().max().item() for g in grads[0] if g is not None) or 1.0
-        gdiff = max(((a - b).abs().max().item() for a, b in zip(*grads)
-                     if a is not None and b is not None), default=0.0)
+        pairs = [(a, b) for a, b in zip(*grads) if a is not None and b is not None]
+        top = max((a.abs().max().item() for a, _ in pairs), default=0.0)
+        floor = 1e-2 * top if top > 0 else 1.0
+        rel = max(((a - b).abs().max().item() / max(a.abs().max().item(), floor)
+                   for a, b in pairs), default=0.0)
         return {"loss_torch": losses[0], "loss_fastconv": losses[1],
-                "abs_loss_diff": abs(losses[0] - losses[1]), "rel_grad_diff": gdiff / scale}
+                "abs_loss_diff": abs(losses[0] - losses[1]), "rel_grad_diff": rel}
 
 
 def train_pair(name, data, args, device, dtype, out_stream=None):
@@ -402,7 +408,6 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
                         y_train[:args.batch_size], args.seed + 2)
     checks = [dict(lockstep(reference), after_epoch=0)]
     tol_loss, tol_grad = LOCKSTEP_TOLERANCE[dtype]
-    tol_first = FIRST_EPOCH_TOLERANCE[dtype]
     dname = str(dtype).replace("torch.", "")
 
     conv_desc = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "nothing"
@@ -456,7 +461,7 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
                      zip(reference.parameters(), converted.parameters()))
     ls_loss = max(c["abs_loss_diff"] for c in checks)
     ls_grad = max(c["rel_grad_diff"] for c in checks)
-    within = ls_loss <= tol_loss and ls_grad <= tol_grad and first <= tol_first
+    within = ls_loss <= tol_loss and ls_grad <= tol_grad
     agree = (runs[0].preds == runs[1].preds).float().mean().item()
     ratio = runs[1].time_s / runs[0].time_s if runs[0].time_s > 0 else float("nan")
     final_t, final_f = epochs[-1]["torch"]["test_acc"], epochs[-1]["fastconv"]["test_acc"]
@@ -464,15 +469,14 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
           f"{_fmt_pct(final_f).strip()}; predictions agree on {_fmt_pct(agree).strip()} of the "
           f"test set", file=out)
     print(f"   same weights, same batch ({len(checks)} checks): max |loss difference| "
-          f"{ls_loss:.1e}, max gradient difference {ls_grad:.1e} of the largest gradient "
-          f"(tolerance {tol_loss:g} / {tol_grad:g})", file=out)
-    print(f"   the two runs: max |loss difference| {first:.1e} in epoch 1 (tolerance "
-          f"{tol_first:g}), {max_diff:.1e} over all {len(a)} steps; final max |weight "
-          f"difference| {param_diff:.1e}", file=out)
+          f"{ls_loss:.1e}, max relative gradient difference {ls_grad:.1e} (tolerance "
+          f"{tol_loss:g} / {tol_grad:g})", file=out)
+    print(f"   the two runs: max |loss difference| {first:.1e} in epoch 1, {max_diff:.1e} over "
+          f"all {len(a)} steps; final max |weight difference| {param_diff:.1e}", file=out)
     print("   " + ("=> the same up to " if within else "=> OUTSIDE ") + f"{dname} rounding"
           + ("" if within else " (see summary.json)")
-          + ("; later drift between the runs is rounding amplified by SGD"
-             if within and max_diff > tol_first else ""), file=out)
+          + ("; the drift between the two runs is that rounding amplified by SGD"
+             if within and max_diff > tol_loss else ""), file=out)
     print(f"   training time: torch.nn {runs[0].time_s:.2f}s, fastconv {runs[1].time_s:.2f}s "
           f"(fastconv / torch.nn = {ratio:.2f}x)", file=out)
     summary = {
@@ -488,8 +492,7 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         "lockstep": checks,
         "lockstep_max_abs_loss_diff": ls_loss,
         "lockstep_max_rel_grad_diff": ls_grad,
-        "tolerance": {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad,
-                      "first_epoch_loss": tol_first},
+        "tolerance": {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad},
         "within_tolerance": within,
         "max_abs_weight_diff": param_diff,
         "prediction_agreement": agree,
@@ -596,7 +599,8 @@ def plot_filters(model, other, path, title):
         if i >= n:
             ax.axis("off")
             continue
-        im = ax.imshow(w[i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        im = ax.imshow(w[i].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim,
+                       interpolation="nearest")
         ax.set_title(f"filter {i}", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="weight")
     diff = (w - w_other).abs().max().item()
@@ -673,9 +677,10 @@ def plot_feature_maps(model, image, raw_image, label, pred, path, title, max_cha
     for ax in axes[0, 2:].flat:
         ax.axis("off")
     # row 0: the 8x8 digit as shipped and the upsampled, standardised network input
-    axes[0, 0].imshow(raw_image[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[0, 0].imshow(raw_image[0].float().numpy(), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
     axes[0, 0].set_title("digit (8x8)", fontsize=8)
-    im = axes[0, 1].imshow(image[0, 0].float().cpu(), cmap="gray")
+    im = axes[0, 1].imshow(image[0, 0].float().cpu().numpy(), cmap="gray")
     axes[0, 1].set_title(f"input ({image.shape[-2]}x{image.shape[-1]})", fontsize=8)
     cax = axes[0, 2].inset_axes([0.0, 0.0, 0.07, 1.0])
     fig.colorbar(im, cax=cax, label="input value")
@@ -686,7 +691,7 @@ def plot_feature_maps(model, image, raw_image, label, pred, path, title, max_cha
         order = fmap.abs().flatten(1).mean(1).argsort(descending=True)[:cols].sort().values
         vmin, vmax = fmap[order].min().item(), fmap[order].max().item()
         for c, ch in enumerate(order.tolist()):
-            im = axes[r, c].imshow(fmap[ch], cmap="viridis", vmin=vmin, vmax=vmax,
+            im = axes[r, c].imshow(fmap[ch].numpy(), cmap="viridis", vmin=vmin, vmax=vmax,
                                    interpolation="nearest")
             axes[r, c].set_title(f"channel {ch}", fontsize=7)
         for c in range(len(order), cols):
@@ -710,7 +715,7 @@ def plot_confusion(y_true, y_pred, path, title):
     cm.index_put_((y_true.cpu(), y_pred.cpu()), torch.ones(len(y_true), dtype=torch.int64),
                   accumulate=True)
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    im = ax.imshow(cm, cmap="Blues")
+    im = ax.imshow(cm.numpy(), cmap="Blues")
     fig.colorbar(im, ax=ax, label="test images")
     peak = cm.max().item()
     for i in range(k):

@@ -17,6 +17,9 @@ from fastconv.utils import layer_shapes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("curves", "filters", "feature_maps", "confusion")
+# |loss difference| between the torch.nn and fastconv runs over the first few SGD steps in
+# float32: rounding (~1e-7 relative per op) not yet amplified by training
+RUNS_FEW_STEPS_TOL = 1e-4
 
 
 def _args(*argv):
@@ -37,7 +40,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
                         "--batch-size", "32", "--device", "cpu", "--out", str(out_dir))
     assert rc == 0, err
     # the side-by-side table: header, one row for the one epoch, the summary lines
-    assert "torch.nn" in out and "fastconv" in out and "max|dloss|" in out
+    assert "torch.nn" in out and "fastconv" in out and "|dloss| runs" in out
     assert any(line.lstrip().startswith("1/1") for line in out.splitlines())
     assert "final test accuracy" in out and "=> the same up to float32 rounding" in out
     assert "\r" not in out  # stdout is not a terminal: no redrawn progress bar in the log
@@ -64,14 +67,13 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert m["final_test_acc"][run] == e["test_acc"]
     a, b = m["step_losses"]["torch"], m["step_losses"]["fastconv"]
     assert len(a) == len(b) == 3  # 96 images / batch 32
-    # the reported maximum is the real one, and within the stated float32 tolerances: the two
-    # runs over their (only) epoch, and the same-weights checks before and after it
+    # the reported maximum is the real one; over three steps rounding has not been amplified
+    # yet, so the two runs agree to RUNS_FEW_STEPS_TOL; the same-weights checks before and
+    # after the epoch are within the demo's float32 tolerance
     assert m["max_abs_loss_diff"] == max(abs(x - y) for x, y in zip(a, b))
-    assert m["first_epoch_max_abs_loss_diff"] == m["max_abs_loss_diff"]
-    assert m["max_abs_loss_diff"] <= demo.FIRST_EPOCH_TOLERANCE[torch.float32] == 1e-4
+    assert m["first_epoch_max_abs_loss_diff"] == m["max_abs_loss_diff"] <= RUNS_FEW_STEPS_TOL
     tol_loss, tol_grad = demo.LOCKSTEP_TOLERANCE[torch.float32]
-    assert m["tolerance"] == {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad,
-                              "first_epoch_loss": 1e-4}
+    assert m["tolerance"] == {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad}
     assert [c["after_epoch"] for c in m["lockstep"]] == [0, 1]
     for c in m["lockstep"]:
         assert c["abs_loss_diff"] == abs(c["loss_torch"] - c["loss_fastconv"]) <= tol_loss
@@ -93,7 +95,8 @@ def test_demo_float64_runs_agree_to_rounding(tmp_path, capsys):
     assert rc == 0, err
     m = json.loads((tmp_path / "summary.json").read_text())["models"][0]
     assert len(m["step_losses"]["torch"]) == 8
-    assert m["max_abs_loss_diff"] <= demo.FIRST_EPOCH_TOLERANCE[torch.float64] == 1e-10
+    assert m["max_abs_loss_diff"] <= 1e-10
+    assert demo.LOCKSTEP_TOLERANCE[torch.float64] == (1e-10, 1e-8)
     assert m["lockstep_max_abs_loss_diff"] <= 1e-10 and m["lockstep_max_rel_grad_diff"] <= 1e-8
     assert m["max_abs_weight_diff"] < 1e-9 and m["within_tolerance"]
     assert not list(tmp_path.glob("*.png"))
@@ -128,6 +131,37 @@ def test_demo_reports_a_real_difference(tmp_path, capsys, monkeypatch):
     assert rc == 1 and "differ by more than floating-point rounding" in err
     assert "=> OUTSIDE float32 rounding" in out
     assert not json.loads((tmp_path / "summary.json").read_text())["within_tolerance"]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times 1.01 backward: a kernel whose backward is off by 1%."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01
+
+
+def test_demo_catches_a_gradient_only_error(tmp_path, capsys, monkeypatch):
+    """Forward exact, backward of the first conv 1% off: the losses of the first step agree
+    exactly, only the same-weights gradient check can tell, and it does."""
+    def wrong(model):
+        model = copy.deepcopy(model)
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_hook(lambda m, inputs, output: _ScaleGrad.apply(output))
+        return model
+
+    monkeypatch.setattr(fastconv, "convert", wrong)
+    rc, out, err = _run(capsys, "--models", "simplecnn", "--epochs", "1", "--limit", "32",
+                        "--no-plots", "--out", str(tmp_path))
+    m = json.loads((tmp_path / "summary.json").read_text())["models"][0]
+    assert m["step_losses"]["torch"][0] == m["step_losses"]["fastconv"][0]
+    assert m["lockstep"][0]["abs_loss_diff"] == 0.0
+    assert m["lockstep_max_rel_grad_diff"] > 5e-3
+    assert rc == 1 and not m["within_tolerance"] and "=> OUTSIDE float32 rounding" in out
 
 
 def test_convert_changing_weights_is_an_error(tmp_path, monkeypatch):
