@@ -41,6 +41,17 @@ struct Simd<float> {
   static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  // 32-bit gather indices, one per lane
+  using Idx = __m512i;
+  static Idx idx_load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static Idx idx_add(Idx a, int32_t b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }
+  // lanes where 0 <= a < bound (one unsigned compare)
+  static Mask idx_in_range(Idx a, int32_t bound) {
+    return _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(bound));
+  }
+  static V gather(Mask m, Idx idx, const float* base) {
+    return _mm512_mask_i32gather_ps(zero(), m, idx, base, 4);
+  }
 };
 
 template <>
@@ -56,7 +67,28 @@ struct Simd<double> {
   static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  using Idx = __m256i;
+  static Idx idx_load(const int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static Idx idx_add(Idx a, int32_t b) { return _mm256_add_epi32(a, _mm256_set1_epi32(b)); }
+  static Mask idx_in_range(Idx a, int32_t bound) {
+    return _mm256_cmplt_epu32_mask(a, _mm256_set1_epi32(bound));
+  }
+  static V gather(Mask m, Idx idx, const double* base) {
+    return _mm512_mask_i32gather_pd(zero(), m, idx, base, 8);
+  }
 };
+
+// Lanes [lo, hi) of a vector of L lanes as a mask (clamped to [0, L)).
+template <typename T>
+inline typename Simd<T>::Mask lane_mask(int64_t lo, int64_t hi) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, L);
+  if (hi <= lo) return 0;
+  return static_cast<typename Simd<T>::Mask>(((uint32_t{1} << hi) - 1u) ^ ((uint32_t{1} << lo) - 1u));
+}
 
 // MR rows x NV vectors of C live in registers: 8 x 3 = 24 accumulators + 3 B vectors + 1 A
 // broadcast out of 32 zmm registers.

@@ -477,104 +477,149 @@ void grad_weight_mm(const at::Tensor& grad_output, const at::Tensor& input,
 
 #ifdef FASTCONV_HAVE_AVX512_GEMM
 
-// Writes the `len` column values ox in [ox, ox + len) of one im2col row segment to d[e * step]:
-// the input row `src` (nullptr: the tap row is in the padding) read at ox * sw + xoff inside
-// the valid range xr, zero outside.
-template <typename T>
-inline void emit_segment(T* d, int64_t step, const T* src, int64_t ox, int64_t len,
-                         const TapRange& xr, int64_t sw, int64_t xoff) {
-  const int64_t end = ox + len;
-  const int64_t a = src == nullptr ? end : std::min(std::max(ox, xr.lo), end);
-  const int64_t b = src == nullptr ? end : std::max(a, std::min(end, xr.hi));
-  int64_t e = 0;
-  for (int64_t o = ox; o < a; ++o, ++e) d[e * step] = T(0);
-  if (step == 1 && sw == 1) {
-    std::copy(src + a + xoff, src + b + xoff, d + e);
-    e += b - a;
-  } else {
-    for (int64_t o = a; o < b; ++o, ++e) d[e * step] = src[o * sw + xoff];
-  }
-  for (int64_t o = b; o < end; ++o, ++e) d[e * step] = T(0);
-}
-
-// Walks the tile's columns [t0, t0 + count) (images b < nb, rows [oy0, oy1)) one output-row
-// segment at a time: fn(t - t0, image, oy, ox, len).
-template <typename F>
-inline void for_each_row_segment(int64_t t0, int64_t count, int64_t oy0, int64_t oy1,
-                                 int64_t OW, F&& fn) {
-  const int64_t per_image = (oy1 - oy0) * OW;
-  int64_t t = t0;
-  const int64_t end = t0 + count;
-  while (t < end) {
-    const int64_t b = t / per_image, rem = t % per_image;
-    const int64_t oy = oy0 + rem / OW, ox = rem % OW;
-    const int64_t len = std::min(OW - ox, end - t);
-    fn(t - t0, b, oy, ox, len);
-    t += len;
-  }
-}
-
-// The input row that tap row i of output row oy reads in channel plane `plane`, or nullptr.
-template <typename T>
-inline const T* tap_row(const T* plane, int64_t oy, int64_t i, const Conv2dShape& s) {
-  const int64_t iy = oy * s.stride_h - s.pad_h + i * s.dil_h;
-  return (iy >= 0 && iy < s.in_h) ? plane + iy * s.in_w : nullptr;
-}
+// One run of consecutive tile columns that lie in one output row and one B panel: for every
+// packed row k it is filled from one input row (or zeros). `dst` is its offset in row k = k0
+// of the packed block; image < 0 marks the zero padding after the last column.
+struct Segment {
+  int64_t dst, image, oy, ox, len;
+};
 
 // Forward B operand, implicit im2col: rows [k0, k0 + kc) (k = (c, i, j) within the group) and
 // columns [n0, n0 + ncols) of the tile's column matrix, packed as gemm::pack_b lays it out.
 // x: first image of the tile, first channel of the group; images are img_stride apart.
+// The column -> (image, oy, ox) walk is done once into `segs`; every row k then copies each
+// segment with masked vector loads / stores (stride 1) that also write the padding zeros.
 template <typename T>
 void pack_im2col(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64_t k0,
-                 int64_t kc, int64_t n0, int64_t ncols, T* bp, const Conv2dShape& s) {
+                 int64_t kc, int64_t n0, int64_t ncols, T* bp, const Conv2dShape& s,
+                 std::vector<Segment>& segs) {
+  using S = gemm::Simd<T>;
+  constexpr int64_t L = S::kLanes;
   constexpr int64_t NR = gemm::nr<T>();
-  const int64_t HW = s.in_h * s.in_w, KK = s.kernel_h * s.kernel_w;
-  const int64_t panels = div_up(ncols, NR);
-  for (int64_t k = k0; k < k0 + kc; ++k) {
-    const int64_t c = k / KK, i = (k / s.kernel_w) % s.kernel_h, j = k % s.kernel_w;
-    const int64_t xoff = j * s.dil_w - s.pad_w;
-    const TapRange xr = tap_range(xoff, s.stride_w, s.in_w, s.out_w);
-    T* dst = bp + (k - k0) * NR;
-    for_each_row_segment(n0, ncols, oy0, oy1, s.out_w,
-                         [&](int64_t t, int64_t b, int64_t oy, int64_t ox, int64_t len) {
-      const T* src = tap_row(x + b * img_stride + c * HW, oy, i, s);
-      while (len > 0) {  // split where the segment crosses a panel boundary
-        const int64_t lane = t % NR;
-        const int64_t seg = std::min(len, NR - lane);
-        emit_segment(dst + (t / NR) * kc * NR + lane, 1, src, ox, seg, xr, s.stride_w, xoff);
-        t += seg;
-        ox += seg;
-        len -= seg;
+  const int64_t H = s.in_h, W = s.in_w, OW = s.out_w, HW = H * W;
+  const int64_t per_image = (oy1 - oy0) * OW;
+  segs.clear();
+  {
+    int64_t image = n0 / per_image, rem = n0 % per_image;
+    int64_t oy = oy0 + rem / OW, ox = rem % OW, q = 0, lane = 0;
+    for (int64_t done = 0; done < ncols;) {
+      const int64_t len = std::min({OW - ox, ncols - done, NR - lane});
+      segs.push_back({q * kc * NR + lane, image, oy, ox, len});
+      done += len;
+      lane += len;
+      if (lane == NR) {
+        lane = 0;
+        ++q;
       }
-    });
-    for (int64_t t = ncols; t < panels * NR; ++t) dst[(t / NR) * kc * NR + t % NR] = T(0);
+      ox += len;
+      if (ox == OW) {
+        ox = 0;
+        if (++oy == oy1) {
+          oy = oy0;
+          ++image;
+        }
+      }
+    }
+    if (lane != 0) segs.push_back({q * kc * NR + lane, -1, 0, 0, NR - lane});
+  }
+  int64_t c = k0 / (s.kernel_h * s.kernel_w), i = (k0 / s.kernel_w) % s.kernel_h,
+          j = k0 % s.kernel_w;
+  for (int64_t k = k0; k < k0 + kc; ++k) {
+    const int64_t xoff = j * s.dil_w - s.pad_w;
+    const TapRange xr = tap_range(xoff, s.stride_w, W, OW);
+    T* dst = bp + (k - k0) * NR;
+    const T* plane = x + c * HW;
+    for (const Segment& sg : segs) {
+      T* d = dst + sg.dst;
+      const int64_t iy = sg.oy * s.stride_h - s.pad_h + i * s.dil_h;
+      if (sg.image < 0 || iy < 0 || iy >= H) {
+        for (int64_t v = 0; v < sg.len; v += L) {
+          S::store(d + v, S::zero(), gemm::lane_mask<T>(0, sg.len - v));
+        }
+        continue;
+      }
+      const T* row = plane + sg.image * img_stride + iy * W;
+      if (s.stride_w == 1) {
+        // lane l reads row[ox + l + xoff]; valid while ox + l is in [xr.lo, xr.hi)
+        const T* src = row + sg.ox + xoff;
+        const int64_t vlo = xr.lo - sg.ox, vhi = std::min(xr.hi - sg.ox, sg.len);
+        for (int64_t v = 0; v < sg.len; v += L) {
+          const auto ld = gemm::lane_mask<T>(vlo - v, vhi - v);
+          S::store(d + v, S::load(src + v, ld), gemm::lane_mask<T>(0, sg.len - v));
+        }
+      } else {
+        for (int64_t l = 0; l < sg.len; ++l) {
+          const int64_t ox = sg.ox + l;
+          d[l] = (ox >= xr.lo && ox < xr.hi) ? row[ox * s.stride_w + xoff] : T(0);
+        }
+      }
+    }
+    if (++j == s.kernel_w) {
+      j = 0;
+      if (++i == s.kernel_h) {
+        i = 0;
+        ++c;
+      }
+    }
   }
 }
 
 // grad_weight B operand, implicit cols^T: rows [k0, k0 + kc) are tile columns (output
-// positions), columns [n0, n0 + ncols) are k = (c, i, j); each im2col row is written down one
-// lane of its panel.
+// positions), columns [n0, n0 + ncols) are k = (c, i, j). For one output position a panel
+// row holds NR different taps, so it is one masked gather per vector: lane offsets
+// c * H * W + i * dH * W + j * dW from the position's window corner, masked to the taps
+// inside the input. Needs the offsets to fit int32 (checked by the caller).
 template <typename T>
 void pack_im2col_t(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64_t k0,
                    int64_t kc, int64_t n0, int64_t ncols, T* bp, const Conv2dShape& s) {
+  using S = gemm::Simd<T>;
+  constexpr int64_t L = S::kLanes;
   constexpr int64_t NR = gemm::nr<T>();
-  const int64_t HW = s.in_h * s.in_w, KK = s.kernel_h * s.kernel_w;
-  const int64_t panels = div_up(ncols, NR);
-  for (int64_t k = n0; k < n0 + ncols; ++k) {
-    const int64_t idx = k - n0;
-    const int64_t c = k / KK, i = (k / s.kernel_w) % s.kernel_h, j = k % s.kernel_w;
-    const int64_t xoff = j * s.dil_w - s.pad_w;
-    const TapRange xr = tap_range(xoff, s.stride_w, s.in_w, s.out_w);
-    T* dst = bp + (idx / NR) * kc * NR + idx % NR;
-    for_each_row_segment(k0, kc, oy0, oy1, s.out_w,
-                         [&](int64_t t, int64_t b, int64_t oy, int64_t ox, int64_t len) {
-      const T* src = tap_row(x + b * img_stride + c * HW, oy, i, s);
-      emit_segment(dst + t * NR, NR, src, ox, len, xr, s.stride_w, xoff);
-    });
-  }
-  for (int64_t idx = ncols; idx < panels * NR; ++idx) {
-    T* dst = bp + (idx / NR) * kc * NR + idx % NR;
-    for (int64_t t = 0; t < kc; ++t) dst[t * NR] = T(0);
+  constexpr int64_t NV = NR / L;
+  const int64_t H = s.in_h, W = s.in_w, OW = s.out_w, HW = H * W;
+  const int64_t KK = s.kernel_h * s.kernel_w;
+  const int64_t per_image = (oy1 - oy0) * OW;
+  alignas(64) int32_t off[NR], di[NR], dj[NR];
+  for (int64_t q = 0; q * NR < ncols; ++q) {
+    for (int64_t l = 0; l < NR; ++l) {
+      const int64_t col = q * NR + l;
+      if (col < ncols) {
+        const int64_t k = n0 + col;
+        const int64_t c = k / KK, i = (k / s.kernel_w) % s.kernel_h, j = k % s.kernel_w;
+        off[l] = static_cast<int32_t>(c * HW + i * s.dil_h * W + j * s.dil_w);
+        di[l] = static_cast<int32_t>(i * s.dil_h);
+        dj[l] = static_cast<int32_t>(j * s.dil_w);
+      } else {  // padding lane: always out of range
+        off[l] = 0;
+        di[l] = -(1 << 30);
+        dj[l] = 0;
+      }
+    }
+    typename S::Idx offv[NV], div[NV], djv[NV];
+    for (int64_t v = 0; v < NV; ++v) {
+      offv[v] = S::idx_load(off + v * L);
+      div[v] = S::idx_load(di + v * L);
+      djv[v] = S::idx_load(dj + v * L);
+    }
+    T* dst = bp + q * kc * NR;
+    int64_t image = k0 / per_image, rem = k0 % per_image;
+    int64_t oy = oy0 + rem / OW, ox = rem % OW;
+    for (int64_t t = 0; t < kc; ++t) {
+      const int64_t iy0 = oy * s.stride_h - s.pad_h, ix0 = ox * s.stride_w - s.pad_w;
+      const T* base = x + (image * img_stride + iy0 * W + ix0);
+      for (int64_t v = 0; v < NV; ++v) {
+        const auto m = S::idx_in_range(S::idx_add(div[v], static_cast<int32_t>(iy0)), H) &
+                       S::idx_in_range(S::idx_add(djv[v], static_cast<int32_t>(ix0)), W);
+        S::store(dst + t * NR + v * L, S::gather(m, offv[v], base));
+      }
+      if (++ox == OW) {
+        ox = 0;
+        if (++oy == oy1) {
+          oy = oy0;
+          ++image;
+        }
+      }
+    }
   }
 }
 
@@ -618,6 +663,7 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
                    [&](int64_t begin, int64_t end) {
     at::Tensor bp_buf = scratch<T>(gemm::packed_b_size<T>(gemm::nc<T>()), out);
     at::Tensor tmp_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, out);
+    std::vector<Segment> segs;
     T* bp = bp_buf.mutable_data_ptr<T>();
     T* tmp = tmp_buf.mutable_data_ptr<T>();
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -629,7 +675,7 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
       for (int64_t g = 0; g < G; ++g) {
         const T* xg = x + (n0 * C + g * Cg) * HW;
         auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t nc) -> const T* {
-          pack_im2col(xg, C * HW, oy0, oy1, k0, kc, c0, nc, bp, s);
+          pack_im2col(xg, C * HW, oy0, oy1, k0, kc, c0, nc, bp, s, segs);
           return bp;
         };
         T* dst = t.nb == 1 ? y + (n0 * O + g * Og) * L + oy0 * OW : tmp + g * Og * cols;
@@ -850,7 +896,9 @@ void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Conv2dShape& s) {
   const auto st = grad_output.scalar_type();
-  if (use_own_gemm(st)) {
+  // pack_im2col_t gathers with int32 offsets within one image's channel group
+  const bool offsets_fit = (s.in_channels / s.groups + 1) * s.in_h * s.in_w < (int64_t{1} << 31);
+  if (use_own_gemm(st) && offsets_fit) {
     FASTCONV_DISPATCH_OWN_GEMM(
         st, [&] { grad_weight_gemm<scalar_t>(grad_output, input, grad_weight, s); })
     return;
