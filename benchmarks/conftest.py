@@ -143,7 +143,8 @@ def fc_run(fc_settings, _fc_refs):
         bench.group = f"{case.op} {case.label} {direction}"
         bench.extra_info.update(
             case=case.name, label=case.label, op=case.op, direction=direction, impl=impl,
-            side="torch" if impl == "torch" else "fastconv", dtype=str(s["dtype"]).replace("torch.", ""),
+            side="torch" if impl == "torch" else "fastconv",
+            dtype=str(s["dtype"]).replace("torch.", ""),
             channels_last=cl, device=str(s["device"]), flops=case.flops(direction),
             bytes=case.bytes(direction, itemsize), check=detail)
         if impl == "torch":

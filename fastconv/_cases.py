@@ -22,7 +22,8 @@ OPS = ("conv2d", "depthwise_conv2d", "max_pool2d")
 # What users may type for --ops; maps to the canonical op name.
 OP_ALIASES = {
     "conv2d": "conv2d", "conv": "conv2d",
-    "depthwise_conv2d": "depthwise_conv2d", "depthwise": "depthwise_conv2d", "dw": "depthwise_conv2d",
+    "depthwise_conv2d": "depthwise_conv2d", "depthwise": "depthwise_conv2d",
+    "dw": "depthwise_conv2d",
     "max_pool2d": "max_pool2d", "maxpool": "max_pool2d", "pool": "max_pool2d",
 }
 NETWORKS = ("resnet18", "resnet50", "mobilenet_v2", "convnext", "replknet", "vgg16")
@@ -93,7 +94,8 @@ class Case:
         if self.dilation != (1, 1):
             parts.append("d" + _pair_str(self.dilation))
         if self.op == "conv2d":
-            parts.append(f"{self.c}>{self.out_channels}" + (f" g{self.groups}" if self.groups > 1 else ""))
+            g = f" g{self.groups}" if self.groups > 1 else ""
+            parts.append(f"{self.c}>{self.out_channels}{g}")
         else:
             parts.append(f"C{self.c}" + (f">{self.out_channels}" if self.op == "depthwise_conv2d"
                                          and self.out_channels != self.c else ""))
@@ -117,7 +119,8 @@ class Case:
             return {"out": 1, "grad_input": math.ceil(kh / sh) * math.ceil(kw / sw)}
         return {
             "out": (self.c // self.groups) * kh * kw,
-            "grad_input": (self.out_channels // self.groups) * math.ceil(kh / sh) * math.ceil(kw / sw),
+            "grad_input": ((self.out_channels // self.groups)
+                           * math.ceil(kh / sh) * math.ceil(kw / sw)),
             "grad_weight": self.n * oh * ow,
             "grad_bias": self.n * oh * ow,
         }
@@ -129,7 +132,8 @@ class Case:
         if self.op == "max_pool2d":
             return 0.0
         oh, ow = self.out_hw
-        f = 2.0 * self.n * self.out_channels * oh * ow * (self.c // self.groups) * self.kernel[0] * self.kernel[1]
+        f = 2.0 * self.n * self.out_channels * oh * ow * (self.c // self.groups)
+        f *= self.kernel[0] * self.kernel[1]
         return f * (3 if direction == "fwd+bwd" else 1)
 
     def bytes(self, direction: str, itemsize: int) -> float:
@@ -420,7 +424,8 @@ def make_inputs(case: Case, device, dtype, channels_last: bool, requires_grad=Fa
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def t(shape, scale=1.0, fmt=torch.contiguous_format):
-        v = (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+        v = torch.randn(shape, generator=g, dtype=torch.float32) * scale
+        v = v.to(device=device, dtype=dtype)
         v = v.contiguous(memory_format=fmt)
         return v.requires_grad_(requires_grad)
 
