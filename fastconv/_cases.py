@@ -420,13 +420,14 @@ def make_inputs(case: Case, device, dtype, channels_last: bool, requires_grad=Fa
     outputs stay O(1) in every dtype, bias ~ N(0, 0.1). Returns (x,) or (x, w, b)."""
     import torch
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    # generated on the device itself: GPU inputs of a few GB would take seconds on the CPU
+    g = torch.Generator(device=device).manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def t(shape, scale=1.0, fmt=torch.contiguous_format):
-        v = torch.randn(shape, generator=g, dtype=torch.float32) * scale
-        v = v.to(device=device, dtype=dtype)
-        v = v.contiguous(memory_format=fmt)
+        v = torch.randn(shape, generator=g, dtype=torch.float32, device=device) * scale
+        v = v.to(dtype).contiguous(memory_format=fmt)
         return v.requires_grad_(requires_grad)
 
     x = t(case.input_shape, fmt=fmt)

@@ -316,6 +316,8 @@ def _environment(s):
         "fastconv_version": getattr(fastconv, "__version__", None),
         "fastconv_with_cuda": bool(getattr(fastconv._C, "with_cuda", 0)),
         "fastconv_compiler": getattr(fastconv._C, "compiler", None),
+        "fastconv_build": _call(lambda: dict(__import__(
+            "fastconv._build_info", fromlist=["BUILD_INFO"]).BUILD_INFO)),
         "git_commit": commit,
         "git_dirty": dirty,
         "python": platform.python_version(),
@@ -466,10 +468,10 @@ class _InputSet:
                                           requires_grad=(direction == "fwd+bwd"), seed=seed)
         self.grad = None
         if direction == "fwd+bwd":
-            g = torch.Generator(device="cpu").manual_seed(10_000 + seed)
+            g = torch.Generator(device=s["device"]).manual_seed(10_000 + seed)
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            self.grad = torch.randn(case.output_shape, generator=g).to(
-                s["device"], s["dtype"]).contiguous(memory_format=fmt)
+            self.grad = torch.randn(case.output_shape, generator=g, device=s["device"]).to(
+                s["dtype"]).contiguous(memory_format=fmt)
 
     def nbytes(self):
         ts = [t for t in self.tensors if t is not None] + ([self.grad] if self.grad is not None
