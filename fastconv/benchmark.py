@@ -121,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "over them (default 7 on CPU, 20 on CUDA)")
     parser.add_argument("--min-time", type=_positive_float("--min-time"), default=None,
                         help="minimum seconds per measurement (default 0.2 on CPU, 0.1 on CUDA)")
+    parser.add_argument("--max-time", type=_positive_float("--max-time"), default=None,
+                        help="seconds after which a measurement stops adding samples even "
+                             "below --repeat (at least 3 are taken; default max(2, "
+                             "10 x --min-time))")
     parser.add_argument("--batch", type=_positive_int("--batch"), default=None,
                         help="batch size for the network suites (default 8 on CPU, 128 on CUDA)")
     parser.add_argument("--json", metavar="PATH", default=None,
@@ -203,6 +207,7 @@ def _resolve(args):
     cpu = device.type == "cpu"
     s["repeat"] = args.repeat or (7 if cpu else 20)
     s["min_time"] = args.min_time or (0.2 if cpu else 0.1)
+    s["max_time"] = max(args.max_time or max(2.0, 10 * s["min_time"]), s["min_time"])
     s["batch"] = args.batch
     s["json"] = args.json
     s["plot"] = args.plot
@@ -376,13 +381,20 @@ def _stats(samples):
     }
 
 
+def _enough(times, per_sample_calls, s):
+    """Stop adding samples at --repeat, or once --max-time is spent (keeping at least 3)."""
+    if len(times) >= s["repeat"]:
+        return True
+    return len(times) >= 3 and sum(times) * per_sample_calls >= s["max_time"]
+
+
 def _time_cpu(step, s):
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=s["threads"])
     m = timer.blocked_autorange(min_run_time=s["min_time"])
     times = list(m.times)
-    while len(times) < s["repeat"]:
+    while not _enough(times, m.number_per_run, s):
         times += timer.timeit(m.number_per_run).times
     return times, m.number_per_run
 
@@ -407,6 +419,7 @@ def _time_cuda(step, s):
     inner = int(min(1000, max(1, math.ceil(1e-3 / per_call))))
     samples = int(max(s["repeat"], min(10 * s["repeat"],
                                        math.ceil(s["min_time"] / (inner * per_call)))))
+    samples = max(min(samples, math.ceil(s["max_time"] / (inner * per_call))), 3)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(samples)]
     for a, b in events:
@@ -993,7 +1006,7 @@ def run(args) -> int:
         "suite": s["suite"], "ops": list(s["ops"]), "dtype": args.dtype,
         "directions": list(s["directions"]), "channels_last": s["channels_last"],
         "tf32": s["tf32"], "threads": s["threads"], "repeat": s["repeat"],
-        "min_time_s": s["min_time"], "batch": s["batch"],
+        "min_time_s": s["min_time"], "max_time_s": s["max_time"], "batch": s["batch"],
         "timer": ("CUDA events, after warm-up" if s["device"].type == "cuda" else
                   "torch.utils.benchmark.Timer.blocked_autorange"),
         "correctness_tolerance": f"{TOL_FACTOR:g} * (eps_acc * sqrt(reduction) + eps) * rms(ref) "
@@ -1018,7 +1031,8 @@ def run(args) -> int:
         for case in cases:
             for d in s["directions"]:
                 i += 1
-                log(f"[{i:>{len(str(total))}}/{total}] {case.op} {case.name} ({case.label}) {d}")
+                log(f"[{i:>{len(str(total))}}/{total}] {case.op} {case.name} ({case.label}) {d}"
+                    f"   ({time.perf_counter() - t_start:.0f} s)")
                 records.append(_bench_case(case, d, s, copy["gbps"], log))
     summary = _summary(records)
     elapsed = time.perf_counter() - t_start
@@ -1039,8 +1053,7 @@ def run(args) -> int:
     result = {
         "schema": "fastconv-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["fastconv", "bench"] + (sys.argv[2:] if len(sys.argv) > 2 and
-                                            sys.argv[1] == "bench" else []),
+        "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "elapsed_s": elapsed,
         "environment": env,
         "settings": settings,
