@@ -912,6 +912,7 @@ def write_plot(path, records, env, settings):
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in records)]
     impls = []
@@ -943,7 +944,8 @@ def write_plot(path, records, env, settings):
                     # from parity to the speedup: right of the line is faster, left slower
                     ax.barh(yy, v - 1.0, height=bar_h * 0.9, left=1.0, color=colors[fr["impl"]],
                             label=fr["impl"])
-                    ax.text(v, yy, f" {v:.2f}x", va="center", fontsize=6)
+                    ax.text(v, yy, f" {v:.3g}x " if v < 1000 else f" {v:.0f}x ", va="center", fontsize=6,
+                            ha="left" if v >= 1 else "right")
                 else:
                     ax.text(1.0, yy, f" {fr['status']} ({fr['impl']})", va="center",
                             fontsize=7, color="red", fontweight="bold")
@@ -952,7 +954,15 @@ def write_plot(path, records, env, settings):
             ypos.append(y)
             y += 1.0
         ax.set_xscale("log")
-        ax.set_xlim(min(lo, 1.0) / 2.0, max(hi, 1.0) * 2.5)
+        xmin, xmax = min(lo, 1.0) / 2.5, max(hi, 1.0) * 2.5
+        ax.set_xlim(xmin, xmax)
+        e0, e1 = math.ceil(math.log2(xmin)), math.floor(math.log2(xmax))
+        step = max(1, math.ceil((e1 - e0 + 1) / 10))  # at most ~10 labelled powers of 2
+        ticks = [2.0 ** e for e in range(e0, e1 + 1) if e % step == 0]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}x" if t >= 0.1 else f"1/{1 / t:g}x" for t in ticks],
+                           fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.axvline(1.0, color="black", lw=1.2, ls="--")
         ax.set_yticks(ypos)
         ax.set_yticklabels(labels, fontsize=6)
@@ -964,7 +974,7 @@ def write_plot(path, records, env, settings):
         uniq = dict(zip(names, handles))
         if uniq:
             ax.legend(uniq.values(), uniq.keys(), title="fastconv impl", fontsize=7,
-                      loc="lower right")
+                      loc="best")
     layout = "channels_last" if settings["channels_last"] else "NCHW"
     threads = f", {settings['threads']} threads" if env["device"].startswith("cpu") else ""
     fig.suptitle(
