@@ -455,6 +455,22 @@ def _copy_bandwidth(s):
             "median_ms": st["median_ms"], "iqr_ms": st["iqr_ms"], "calls_per_sample": per}
 
 
+def _gemm_rate(s):
+    """TFLOP/s of torch.mm on square matrices in the case dtype (TF32 as set), the yardstick
+    for the compute-bound cases: a convolution lowered to GEMM can at best reach it."""
+    import torch
+
+    n = 4096 if s["device"].type == "cuda" else 1024
+    g = torch.Generator(device=s["device"]).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=s["device"]).to(s["dtype"])
+    b = torch.randn(n, n, generator=g, device=s["device"]).to(s["dtype"])
+    times, per = _time(lambda: torch.mm(a, b), s)
+    st = _stats(times)
+    return {"m": n, "n": n, "k": n, "dtype": str(s["dtype"]).replace("torch.", ""),
+            "tflops": 2 * n ** 3 / (st["median_ms"] * 1e-3) / 1e12,
+            "median_ms": st["median_ms"], "iqr_ms": st["iqr_ms"]}
+
+
 def _rotation_count(set_bytes, s):
     """How many input sets to cycle through so that together they exceed twice the
     last-level cache (each call then reads cold inputs, as in a network)."""
@@ -740,17 +756,19 @@ def _first_line(e):
     return line[:300]
 
 
-def _rates(rec, median_ms, copy_gbps):
+def _rates(rec, median_ms, yard):
     t = median_ms * 1e-3
     out = {}
     if rec["flops"]:
         out["tflops"] = rec["flops"] / t / 1e12
+        out["gemm_fraction"] = out["tflops"] / yard["gemm_tflops"] if yard.get("gemm_tflops") \
+            else None
     out["gbps"] = rec["bytes"] / t / 1e9
-    out["copy_fraction"] = out["gbps"] / copy_gbps if copy_gbps else None
+    out["copy_fraction"] = out["gbps"] / yard["copy_gbps"] if yard.get("copy_gbps") else None
     return out
 
 
-def _bench_case(case, direction, s, copy_gbps, log):
+def _bench_case(case, direction, s, yard, log):
     import torch
 
     channels_last = s["channels_last"] if case.channels_last is None else case.channels_last
@@ -811,14 +829,14 @@ def _bench_case(case, direction, s, copy_gbps, log):
         trec.update(_torch_backend(case, tstep, sets[0], s, direction))
         times, per = _time(tstep, s)
         trec.update(_stats(times), calls_per_sample=per)
-        trec.update(_rates(rec, trec["median_ms"], copy_gbps))
+        trec.update(_rates(rec, trec["median_ms"], yard))
     log(f"    torch      {_fmt_ms(trec)}  [{trec.get('backend', trec['error'])}]")
     for fr, fn in frecs:
         if fr["status"] == "OK":
             try:
                 times, per = _time(_make_step(fn, sets, direction), s)
                 fr.update(_stats(times), calls_per_sample=per)
-                fr.update(_rates(rec, fr["median_ms"], copy_gbps))
+                fr.update(_rates(rec, fr["median_ms"], yard))
                 if trec.get("median_ms"):
                     fr["speedup"] = trec["median_ms"] / fr["median_ms"]
             except Exception as e:  # noqa: BLE001
@@ -866,17 +884,20 @@ def _summary(records):
     return out
 
 
-def format_table(records, copy_gbps):
+def format_table(records, yard):
     """The final table: one row per implementation, torch first in each case."""
-    header = ["op", "case", "dir", "impl", "median ms", "IQR ms", "TFLOP/s", "GB/s",
-              "%copy", "speedup", "status / torch backend"]
+    header = ["op", "case", "dir", "impl", "median ms", "IQR ms", "TFLOP/s (%gemm)",
+              "GB/s (%copy)", "speedup", "torch backend / status"]
     rows = []
+
+    def pct(v):
+        return f" ({100 * v:.0f}%)" if v is not None else ""
+
     for rec in records:
         case = f"{rec['network']}.{rec['layer']} ({rec['label']})"
         t = rec["torch"]
         for i, r in enumerate([t] + rec["fastconv"]):
             timed = "median_ms" in r
-            mem = rec["kind"] == "memory"
             rows.append([
                 rec["op"] if i == 0 else "",
                 case if i == 0 else "",
@@ -884,25 +905,29 @@ def format_table(records, copy_gbps):
                 r["impl"],
                 f"{r['median_ms']:.3f}" if timed else "-",
                 f"{r['iqr_ms']:.3f}" if timed else "-",
-                f"{r['tflops']:.3f}" if timed and "tflops" in r else "-",
-                f"{r['gbps']:.1f}" if timed and mem else "-",
-                f"{100 * r['copy_fraction']:.0f}%" if timed and mem and r.get("copy_fraction")
-                else "-",
-                (f"{r['speedup']:.2f}x" if r.get("speedup") else "-") if i else "1.00x",
-                (t.get("backend") or t["status"]) if i == 0 else (
-                    "OK" if r["status"] == "OK" else f"{r['status']}: {r['error']}")[:60],
+                f"{r['tflops']:.3f}{pct(r.get('gemm_fraction'))}"
+                if timed and "tflops" in r else "-",
+                f"{r['gbps']:.1f}{pct(r.get('copy_fraction'))}"
+                if timed and rec["kind"] == "memory" else "-",
+                (f"{r['speedup']:.2f}x" if r.get("speedup") else "-") if i else "",
+                (t.get("backend") or f"{t['status']}: {t['error']}") if i == 0 else (
+                    "OK" if r["status"] == "OK" else f"{r['status']}: {r['error']}"),
             ])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else []
-    widths[1] = min(widths[1], 64)
-    lines = [" ".join(h.ljust(w) for h, w in zip(header, widths))]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths[1] = min(widths[1], 60)
+    widths[-1] = min(widths[-1], 70)
+    left = (0, 1, 2, 3, 9)
+    lines = [" ".join(h.ljust(w) if j in left else h.rjust(w)
+                      for j, (h, w) in enumerate(zip(header, widths))).rstrip()]
     lines.append(" ".join("-" * w for w in widths))
     for row in rows:
-        cells = [str(x)[:w].ljust(w) if j in (0, 1, 2, 3, 10) else str(x).rjust(w)
+        cells = [str(x)[:w].ljust(w) if j in left else str(x).rjust(w)
                  for j, (x, w) in enumerate(zip(row, widths))]
         lines.append(" ".join(cells).rstrip())
-    if copy_gbps:
-        lines.append(f"copy bandwidth (same run): {copy_gbps:.1f} GB/s; %copy = achieved GB/s "
-                     f"(minimum traffic) / copy GB/s; speedup = torch time / fastconv time")
+    lines.append(
+        f"yardsticks (same run): copy {yard.get('copy_gbps', 0):.1f} GB/s, GEMM "
+        f"{yard.get('gemm_tflops', 0):.3f} TFLOP/s. GB/s counts the minimum traffic (each "
+        f"tensor read or written once); speedup = torch time / fastconv time.")
     return "\n".join(lines)
 
 
@@ -1035,7 +1060,10 @@ def run(args) -> int:
             f"{'channels_last' if s['channels_last'] else 'NCHW'}, threads {s['threads']}, "
             f"TF32 {'on' if s['tf32'] else 'off'}")
         copy = _copy_bandwidth(s)
-        log(f"copy bandwidth: {copy['gbps']:.1f} GB/s")
+        gemm = _gemm_rate(s)
+        yard = {"copy_gbps": copy["gbps"], "gemm_tflops": gemm["tflops"]}
+        log(f"copy bandwidth: {copy['gbps']:.1f} GB/s; GEMM ({gemm['m']}^3, {args.dtype}): "
+            f"{gemm['tflops']:.3f} TFLOP/s")
         total = len(cases) * len(s["directions"])
         i = 0
         for case in cases:
@@ -1043,7 +1071,7 @@ def run(args) -> int:
                 i += 1
                 log(f"[{i:>{len(str(total))}}/{total}] {case.op} {case.name} ({case.label}) {d}"
                     f"   ({time.perf_counter() - t_start:.0f} s)")
-                records.append(_bench_case(case, d, s, copy["gbps"], log))
+                records.append(_bench_case(case, d, s, yard, log))
     summary = _summary(records)
     elapsed = time.perf_counter() - t_start
     env["load_average_at_end"] = _call(lambda: list(os.getloadavg()))
@@ -1051,7 +1079,7 @@ def run(args) -> int:
     if busy:
         env["note"] = busy
 
-    print(format_table(records, copy["gbps"]))
+    print(format_table(records, yard))
     print()
     for key, g in summary["geomean_speedup"].items():
         print(f"geomean speedup {key}: {g['geomean']:.2f}x over {g['cases']} case(s)")
@@ -1068,6 +1096,7 @@ def run(args) -> int:
         "environment": env,
         "settings": settings,
         "copy_bandwidth": copy,
+        "gemm_rate": gemm,
         "cases": records,
         "summary": summary,
     }

@@ -120,7 +120,7 @@ def test_end_to_end_json_and_plot(capsys, tmp_path):
     for k in SETTING_FIELDS:
         assert k in data["settings"], k
     assert data["settings"]["threads"] == 1
-    assert data["copy_bandwidth"]["gbps"] > 0
+    assert data["copy_bandwidth"]["gbps"] > 0 and data["gemm_rate"]["tflops"] > 0
     cases = data["cases"]
     assert len(cases) == 2 * len(_cases.suite("tiny"))
     assert {c["op"] for c in cases} == set(_cases.OPS)
@@ -147,7 +147,7 @@ def test_end_to_end_json_and_plot(capsys, tmp_path):
             if c["direction"] == "fwd+bwd":
                 assert "grad_input" in f["check"]
             if c["op"] != "max_pool2d":
-                assert f["tflops"] > 0
+                assert f["tflops"] > 0 and f["gemm_fraction"] > 0
     assert data["summary"]["fail"] == 0 and data["summary"]["error"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # the table names every case and torch's backend, and the progress went to stderr
