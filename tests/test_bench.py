@@ -5,6 +5,7 @@ filtering, argument errors, and the case list itself."""
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -426,3 +427,47 @@ def test_error_ratio_scales_with_reduction():
     nan[3] = math.nan
     assert benchmark._error_ratio(nan, r, 9, s)[0] == math.inf
     assert benchmark._error_ratio(r[:-1], r, 9, s)[2].startswith("shape")
+
+
+class _FakeEvent:
+    """Host-clock stand-in for torch.cuda.Event, to run the CUDA timing loop on a CPU."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = __import__("time").perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+@pytest.mark.parametrize("call_s", [1e-5, 0.03, 0.4])
+def test_cuda_timing_loop(monkeypatch, call_s):
+    """The CUDA event loop's sample sizing: >= ~1 ms per sample, at least --repeat samples
+    (more to fill --min-time), and no more than about --max-time for slow calls (but at least
+    3 samples)."""
+    import time
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def step():
+        end = time.perf_counter() + call_s
+        while time.perf_counter() < end:
+            pass
+
+    s = {"repeat": 20, "min_time": 0.05, "max_time": 1.0}
+    t0 = time.perf_counter()
+    times, inner = benchmark._time_cuda(step, s)
+    if call_s >= 0.4:
+        assert len(times) == 3 and inner == 1
+        assert time.perf_counter() - t0 < 10 * call_s
+    else:
+        assert 20 <= len(times) <= 200
+    assert inner >= 1 and inner * statistics.median(times) >= 0.9e-3
+    assert all(t >= call_s * 0.99 for t in times)
+    assert statistics.median(times) < 10 * call_s
