@@ -825,12 +825,15 @@ def _bench_case(case, direction, s, yard, log):
 
     sets += [_InputSet(case, s, channels_last, direction, seed=i) for i in range(1, n_sets)]
     if trec["status"] == "OK":
-        tstep = _make_step(torch_fn, sets, direction)
-        tstep()
-        trec.update(_torch_backend(case, tstep, sets[0], s, direction))
-        times, per = _time(tstep, s)
-        trec.update(_stats(times), calls_per_sample=per)
-        trec.update(_rates(rec, trec["median_ms"], yard))
+        try:
+            tstep = _make_step(torch_fn, sets, direction)
+            tstep()
+            trec.update(_torch_backend(case, tstep, sets[0], s, direction))
+            times, per = _time(tstep, s)
+            trec.update(_stats(times), calls_per_sample=per)
+            trec.update(_rates(rec, trec["median_ms"], yard))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: no speedups for the case
+            trec.update(status="ERROR", error=_first_line(e))
     log(f"    torch      {_fmt_ms(trec)}  [{trec.get('backend', trec['error'])}]")
     for fr, fn in frecs:
         if fr["status"] == "OK":
