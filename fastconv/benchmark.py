@@ -151,8 +151,12 @@ def _resolve(args):
     # device
     dev_arg = str(args.device).strip().lower()
     has_cuda_kernels = bool(getattr(fastconv._C, "with_cuda", 0))
+    s["device_note"] = None
     if dev_arg == "auto":
         dev_arg = "cuda" if (torch.cuda.is_available() and has_cuda_kernels) else "cpu"
+        if torch.cuda.is_available() and not has_cuda_kernels:
+            s["device_note"] = ("a GPU is present but this fastconv build has no CUDA kernels: "
+                                "benchmarking the CPU")
     try:
         device = torch.device(dev_arg)
     except RuntimeError:
@@ -1067,6 +1071,8 @@ def run(args) -> int:
             f"{env['device_name']} ({s['device']}), {args.dtype}, "
             f"{'channels_last' if s['channels_last'] else 'NCHW'}, threads {s['threads']}, "
             f"TF32 {'on' if s['tf32'] else 'off'}")
+        if s["device_note"]:
+            log(f"note: {s['device_note']}")
         copy = _copy_bandwidth(s)
         gemm = _gemm_rate(s)
         yard = {"copy_gbps": copy["gbps"], "gemm_tflops": gemm["tflops"]}
