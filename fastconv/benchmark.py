@@ -1123,7 +1123,8 @@ def run(args) -> int:
         write_plot(s["plot"], records, env, settings)
         log(f"wrote {s['plot']}")
     if summary["failed"]:
-        print(f"\n{len(summary['failed'])} fastconv result(s) FAILED:", file=sys.stderr)
+        print(f"\n{len(summary['failed'])} fastconv result(s) FAILED (wrong result: FAIL; "
+              f"exception: ERROR):", file=sys.stderr)
         for line in summary["failed"]:
             print(f"  {line}", file=sys.stderr)
         return EXIT_FAIL
