@@ -108,7 +108,7 @@ def _want_cuda():
     return True
 
 
-def _extension():
+def _extension(with_cuda):
     debug = _flag("DEBUG")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-fvisibility=hidden"]  # the C++ standard is torch's choice (C++17 or C++20)
@@ -122,7 +122,7 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
 
-    if not _want_cuda():
+    if not with_cuda:
         print("fastconv: building CPU kernels only", flush=True)
         return CppExtension(
             "fastconv._C",
@@ -159,8 +159,28 @@ def _extension():
     )
 
 
+def _write_build_info(with_cuda):
+    """Record what this build compiled, for `python -m fastconv info` (fastconv/_build_info.py)."""
+    info = {
+        "with_cuda": with_cuda,
+        "cuda_arch_list": (os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' archs") if with_cuda else "",
+        "cuda_home": CUDA_HOME if with_cuda else None,
+        "built_with_torch": torch.__version__,
+        "built_with_cuda": torch.version.cuda if with_cuda else None,
+        "debug": _flag("DEBUG"),
+        "cpu_arch": os.environ.get("FASTCONV_CPU_ARCH", "native"),
+    }
+    with open(os.path.join(ROOT, "fastconv", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time; do not edit.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+_with_cuda = _want_cuda()
+_ext = _extension(_with_cuda)
+_write_build_info(_with_cuda)
+
 setup(
     packages=find_packages(include=["fastconv", "fastconv.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_ext],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
 )

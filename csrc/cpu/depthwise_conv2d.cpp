@@ -1,17 +1,1224 @@
-// PLACEHOLDER during development: replaced by the real depthwise kernels before anything lands.
+// Depthwise conv2d on CPU: forward, grad_input and grad_weight for weight (C * m, 1, kH, kW),
+// where output channel c * m + k reads input channel c (torch's groups == C semantics).
+//
+// Two layouts, picked by conv_memory_format() (the output's format):
+//
+// NCHW  One task per (n, c) plane (at::parallel_for). The plane is copied once into a
+//       thread-local zero-padded buffer (converting bfloat16 to float on the way), with its
+//       columns split into `stride_w` phases so that every tap reads a contiguous run of the
+//       buffer whatever the stride. The kernels then have no border branches at all and their
+//       inner loop runs along an output row (unit stride, vectorised). The buffer (a few tens
+//       of KiB for typical feature maps) stays in L1/L2, so DRAM sees the input once and the
+//       output once: the forward is bound by memory bandwidth for k <= 5 and by loads from L1
+//       for k = 7.
+// NHWC  One task per (n, output row) (grad_weight: per fixed chunk of rows). The inner loop runs
+//       over a block of V channels (V = one 64-byte vector, then V/2, then 1 for the tail), the
+//       taps unrolled around it; weights are pre-transposed to (k, tap, c) so they load as
+//       vectors too. Channel multiplier m > 1 is handled in a "k-major" channel order
+//       (index k * C + c): the output is written k-major and permuted once at the end, and
+//       grad_output is permuted to k-major up front, so every inner loop stays contiguous.
+//
+// Kernel sizes 3, 5 and 7 (square) are compiled as templates with the taps unrolled; every
+// other size (1..31, non-square) runs the same loop structure with runtime tap counts.
+//
+// Backward is deterministic: grad_input gathers, for each input pixel, the grad_output taps
+// that reach it (the flipped kernel; for stride > 1 split into stride phases, each a small
+// dense correlation); grad_weight accumulates all kH * kW tap sums while streaming each input
+// row once, per (batch chunk, channel) or per row chunk, and combines the partial sums in a
+// fixed order that depends only on the shape.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/shape.h"
 #include "cpu/kernels.h"
 
+#if defined(__clang__)
+#define FC_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#define FC_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define FC_IVDEP _Pragma("GCC ivdep")
+#define FC_UNROLL _Pragma("GCC unroll 32")
+#else
+#define FC_IVDEP
+#define FC_UNROLL
+#endif
+
 namespace fastconv {
-at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor&, const at::Tensor&,
-    const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
-  TORCH_CHECK(false, "depthwise_conv2d: CPU kernel not written yet");
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct AccOf {
+  using type = T;
+};
+template <>
+struct AccOf<c10::BFloat16> {
+  using type = float;
+};
+
+// Elements of T in one 64-byte vector (the channel block of the NHWC kernels and the lane count
+// of the grad_weight accumulators).
+template <typename T>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+
+// GCC/Clang vector extensions: the NCHW kernels spell their vectors out (auto-vectorising the
+// fully unrolled tap loops made GCC keep one spilled pointer per tap).
+template <typename T, int V>
+struct VecOf {
+  typedef T type __attribute__((vector_size(sizeof(T) * V)));
+};
+template <typename T, int V>
+using vec_t = typename VecOf<T, V>::type;
+template <typename T>
+struct MaskInt;
+template <>
+struct MaskInt<float> {
+  using type = int32_t;
+};
+template <>
+struct MaskInt<double> {
+  using type = int64_t;
+};
+
+template <int V, typename T>
+inline vec_t<T, V> vload(const T* p) {
+  vec_t<T, V> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
 }
-at::Tensor depthwise_conv2d_grad_input_cpu(const at::Tensor&, const at::Tensor&,
-    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
-  TORCH_CHECK(false, "depthwise_conv2d: CPU kernel not written yet");
+template <int V, typename T>
+inline void vstore(T* p, const vec_t<T, V>& v) {
+  __builtin_memcpy(p, &v, sizeof(v));
 }
-at::Tensor depthwise_conv2d_grad_weight_cpu(const at::Tensor&, const at::Tensor&,
-    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
-  TORCH_CHECK(false, "depthwise_conv2d: CPU kernel not written yet");
+template <int V, typename T>
+inline vec_t<T, V> vsplat(T x) {
+  return vec_t<T, V>{} + x;
 }
+// Lanes [0, n) of v, zeros elsewhere.
+template <int V, typename T>
+inline vec_t<T, V> vkeep(const vec_t<T, V>& v, int64_t n) {
+  using I = typename MaskInt<T>::type;
+  vec_t<I, V> lane;
+  for (int l = 0; l < V; ++l) lane[l] = l;
+  return (lane < static_cast<I>(n)) ? v : vec_t<T, V>{};
+}
+
+inline int64_t div_floor(int64_t a, int64_t b) {  // b > 0
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+inline int64_t div_ceil(int64_t a, int64_t b) { return -div_floor(-a, b); }
+inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
+
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> to_acc_vector(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  const scalar_t* p = c.data_ptr<scalar_t>();
+  std::vector<acc_t> v(static_cast<size_t>(c.numel()));
+  for (int64_t i = 0; i < c.numel(); ++i) v[i] = static_cast<acc_t>(p[i]);
+  return v;
+}
+
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> bias_vector(const c10::optional<Tensor>& bias, int64_t oc) {
+  if (bias.has_value() && bias->defined()) return to_acc_vector<acc_t, scalar_t>(*bias);
+  return std::vector<acc_t>(static_cast<size_t>(oc), acc_t(0));
+}
+
+// ============================================================================================
+// NCHW: padded plane buffer + row kernels
+// ============================================================================================
+
+// A zero-padded copy of one (H, W) plane: buf[r][x] = src[r - row_off][x - col_off] (zero
+// outside the source and for x >= used_cols), with column x stored at phase x % phases,
+// position x / phases, so a stride-`phases` walk along a row becomes a unit-stride walk.
+struct PlaneBuf {
+  int64_t rows = 0, used_cols = 0, phases = 1, phase_len = 0, pitch = 0;
+  int64_t row_off = 0, col_off = 0;
+  // the last partial vector of a row may load up to V - 1 <= 15 elements past the end
+  int64_t size() const { return rows * pitch + 16; }
+};
+
+template <typename scalar_t, typename acc_t>
+void fill_plane(const scalar_t* src, int64_t H, int64_t W, const PlaneBuf& b, acc_t* buf) {
+  const int64_t P = b.phases;
+  const int64_t x_end = std::min(W + b.col_off, b.used_cols);
+  for (int64_t r = 0; r < b.rows; ++r) {
+    acc_t* dst = buf + r * b.pitch;
+    const int64_t ih = r - b.row_off;
+    if (ih < 0 || ih >= H) {
+      std::fill(dst, dst + b.pitch, acc_t(0));
+      continue;
+    }
+    const scalar_t* srow = src + ih * W;
+    for (int64_t p = 0; p < P; ++p) {
+      acc_t* d = dst + p * b.phase_len;
+      const int64_t q0 = clamp64(div_ceil(b.col_off - p, P), 0, b.phase_len);
+      const int64_t q1 = clamp64(div_ceil(x_end - p, P), q0, b.phase_len);
+      std::fill(d, d + q0, acc_t(0));
+      const scalar_t* sp = srow + (q0 * P + p - b.col_off);
+      if (P == 1) {
+        for (int64_t q = q0; q < q1; ++q) d[q] = static_cast<acc_t>(sp[q - q0]);
+      } else {
+        for (int64_t q = q0; q < q1; ++q) d[q] = static_cast<acc_t>(sp[(q - q0) * P]);
+      }
+      std::fill(d + q1, d + b.phase_len, acc_t(0));
+    }
+  }
+}
+
+// out[r][j] (=|+=) init + sum_{kh, kw} w[kh][kw] * buf[(r * row_step + rowofs[kh]) * pitch +
+// colofs[kw] + j] for r < rows, j < cols. Thread: the caller's plane. Loop: rows, then
+// vectors of V output columns two at a time (two independent FMA chains), taps innermost;
+// KH = KW = 0 means runtime tap counts (same loop, not unrolled). Each tap costs one unaligned
+// load and one FMA per vector, the weight is a broadcast shared by both vectors. The last
+// partial vector reads past the row end (the buffer has V elements of slack) and stores only
+// its valid lanes. UNIT: colofs[kw] == colofs[0] + kw (stride 1 and dilation 1 along W), so
+// the offsets are constants and only KH row pointers are live. Bound: L1 loads / FMA issue
+// for k >= 5, DRAM bandwidth (input + output once) below that.
+template <int KH, int KW, bool UNIT, bool ACCUM, typename T>
+void conv_rows_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs,
+                    int64_t nkh, const int64_t* colofs, int64_t nkw, const T* wts, T init, T* out,
+                    int64_t out_pitch, int64_t rows, int64_t cols) {
+  constexpr int V = kLanes<T>;
+  using vec = vec_t<T, V>;
+  constexpr bool kFixed = KH > 0;
+  const int64_t nh = kFixed ? KH : nkh, nw = kFixed ? KW : nkw;
+  std::vector<T> wdyn(kFixed ? 0 : nh * nw);
+  std::vector<int64_t> codyn(kFixed ? 0 : nw);
+  std::vector<const T*> rpdyn(kFixed ? 0 : nh);
+  T wfix[kFixed ? KH * KW : 1];
+  int64_t cofix[kFixed ? KW : 1];
+  const T*  rpfix[kFixed ? KH : 1];
+  T* w = kFixed ? wfix : wdyn.data();
+  int64_t* co = kFixed ? cofix : codyn.data();
+  const T** rp = kFixed ? rpfix : rpdyn.data();
+  for (int64_t t = 0; t < nh * nw; ++t) w[t] = wts[t];
+  for (int64_t kw = 0; kw < nw; ++kw) co[kw] = colofs[kw] - colofs[0];
+
+  // acc[u] += sum over taps of w * buf[..., j + u * VW + lane]
+  auto taps = [&](auto vw, auto u_count, auto* acc, int64_t j) {
+    constexpr int VW = decltype(vw)::value;
+    constexpr int U = decltype(u_count)::value;
+    if constexpr (kFixed) {
+      FC_UNROLL
+      for (int kh = 0; kh < KH; ++kh) {
+        const T* r = rp[kh] + j;
+        FC_UNROLL
+        for (int kw = 0; kw < KW; ++kw) {
+          const T* p = r + (UNIT ? kw : co[kw]);
+          const T wt = w[kh * KW + kw];
+          for (int u = 0; u < U; ++u) acc[u] += wt * vload<VW>(p + u * VW);
+        }
+      }
+    } else {
+      for (int64_t kh = 0; kh < nh; ++kh) {
+        const T* r = rp[kh] + j;
+        for (int64_t kw = 0; kw < nw; ++kw) {
+          const T* p = r + co[kw];
+          const T wt = w[kh * nw + kw];
+          for (int u = 0; u < U; ++u) acc[u] += wt * vload<VW>(p + u * VW);
+        }
+      }
+    }
+  };
+  constexpr int H = V / 2;  // a half vector finishes rows like 56 = 2 * 16 + 16 + 8 exactly
+  using hvec = vec_t<T, H>;
+  using IV = std::integral_constant<int, V>;
+  using IH = std::integral_constant<int, H>;
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t kh = 0; kh < nh; ++kh) rp[kh] = buf + (r * row_step + rowofs[kh]) * pitch + colofs[0];
+    T* o = out + r * out_pitch;
+    int64_t j = 0;
+    for (; j + 2 * V <= cols; j += 2 * V) {
+      vec acc[2];
+      acc[0] = ACCUM ? vload<V>(o + j) : vsplat<V>(init);
+      acc[1] = ACCUM ? vload<V>(o + j + V) : vsplat<V>(init);
+      taps(IV(), I2(), acc, j);
+      vstore<V>(o + j, acc[0]);
+      vstore<V>(o + j + V, acc[1]);
+    }
+    for (; j + V <= cols; j += V) {
+      vec acc[1] = {ACCUM ? vload<V>(o + j) : vsplat<V>(init)};
+      taps(IV(), I1(), acc, j);
+      vstore<V>(o + j, acc[0]);
+    }
+    if (j + H <= cols) {
+      hvec acc[1] = {ACCUM ? vload<H>(o + j) : vsplat<H>(init)};
+      taps(IH(), I1(), acc, j);
+      vstore<H>(o + j, acc[0]);
+      j += H;
+    }
+    if (j < cols) {
+      const int64_t rem = cols - j;
+      hvec acc[1] = {vsplat<H>(init)};
+      if (ACCUM) {
+        for (int64_t l = 0; l < rem; ++l) acc[0][l] = o[j + l];
+      }
+      taps(IH(), I1(), acc, j);
+      for (int64_t l = 0; l < rem; ++l) o[j + l] = acc[0][l];
+    }
+  }
+}
+
+inline bool unit_cols(const int64_t* colofs, int64_t nkw) {
+  for (int64_t kw = 0; kw < nkw; ++kw) {
+    if (colofs[kw] != colofs[0] + kw) return false;
+  }
+  return true;
+}
+
+template <bool ACCUM, typename T>
+void conv_rows(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs, int64_t nkh,
+               const int64_t* colofs, int64_t nkw, const T* wts, T init, T* out,
+               int64_t out_pitch, int64_t rows, int64_t cols) {
+  const bool unit = unit_cols(colofs, nkw);
+#define FC_CALL(KH_, KW_, UNIT_)                                                              \
+  conv_rows_impl<KH_, KW_, UNIT_, ACCUM>(buf, pitch, row_step, rowofs, nkh, colofs, nkw, wts, \
+                                         init, out, out_pitch, rows, cols)
+#define FC_FIXED(K)             \
+  if (nkh == K && nkw == K) {   \
+    if (unit)                   \
+      FC_CALL(K, K, true);      \
+    else                        \
+      FC_CALL(K, K, false);     \
+    return;                     \
+  }
+  FC_FIXED(3)
+  FC_FIXED(5)
+  FC_FIXED(7)
+#undef FC_FIXED
+  FC_CALL(0, 0, false);
+#undef FC_CALL
+}
+
+// The buffer layout the forward and grad_weight read the input through: rows oh * sh + kh * dh,
+// padded columns ow * sw + kw * dw (split into sw phases), `slack` zero columns past the end.
+inline PlaneBuf input_plane_buf(const Conv2dShape& s, int64_t slack) {
+  PlaneBuf b;
+  b.rows = (s.out_h - 1) * s.stride_h + (s.kernel_h - 1) * s.dil_h + 1;
+  b.used_cols = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dil_w + 1;
+  b.phases = s.stride_w;
+  b.phase_len = div_ceil(b.used_cols, b.phases) + slack;
+  b.pitch = b.phases * b.phase_len;
+  b.row_off = s.pad_h;
+  b.col_off = s.pad_w;
+  return b;
+}
+
+inline void input_tap_offsets(const Conv2dShape& s, const PlaneBuf& b,
+                              std::vector<int64_t>& rowofs, std::vector<int64_t>& colofs) {
+  rowofs.resize(s.kernel_h);
+  colofs.resize(s.kernel_w);
+  for (int64_t kh = 0; kh < s.kernel_h; ++kh) rowofs[kh] = kh * s.dil_h;
+  for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+    const int64_t x = kw * s.dil_w;
+    colofs[kw] = (x % s.stride_w) * b.phase_len + x / s.stride_w;
+  }
+}
+
+// Forward, NCHW. Task = (n, c) input plane: padded once, then all m output planes
+// c * m + k computed from it with conv_rows (rows = OH, row step = stride_h).
+template <typename scalar_t>
+void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                  Tensor& out, const Conv2dShape& s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
+  const int64_t C = s.in_channels, H = s.in_h, W = s.in_w, OC = s.out_channels;
+  const int64_t m = OC / C, OH = s.out_h, OW = s.out_w, K2 = s.kernel_h * s.kernel_w;
+  const auto wts = to_acc_vector<acc_t, scalar_t>(weight);
+  const auto bvec = bias_vector<acc_t, scalar_t>(bias, OC);
+  const PlaneBuf b = input_plane_buf(s, 0);
+  std::vector<int64_t> rowofs, colofs;
+  input_tap_offsets(s, b, rowofs, colofs);
+  const scalar_t* x = input.data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
+  at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(b.size());
+    std::vector<acc_t> tmp(kSame ? 0 : OH * OW);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / C, c = p % C;
+      fill_plane(x + p * H * W, H, W, b, buf.data());
+      for (int64_t k = 0; k < m; ++k) {
+        const int64_t oc = c * m + k;
+        scalar_t* yp = y + (n * OC + oc) * OH * OW;
+        acc_t* dst;
+        if constexpr (kSame) {
+          dst = yp;
+        } else {
+          dst = tmp.data();
+        }
+        conv_rows<false>(buf.data(), b.pitch, s.stride_h, rowofs.data(), s.kernel_h,
+                         colofs.data(), s.kernel_w, wts.data() + oc * K2, bvec[oc], dst, OW, OH,
+                         OW);
+        if constexpr (!kSame) {
+          for (int64_t i = 0; i < OH * OW; ++i) yp[i] = static_cast<scalar_t>(tmp[i]);
+        }
+      }
+    }
+  });
+}
+
+// The taps of one stride phase of grad_input along one dimension: input positions
+// i = phase + stride * q receive grad_output[q + raw] * w[tap] for every tap with
+// (phase + pad - tap * dil) divisible by stride, raw = (phase + pad - tap * dil) / stride.
+// Taps are listed from the last to the first so the offsets increase (the flipped kernel).
+struct PhaseTaps {
+  int64_t count = 0;  // input positions in this phase
+  std::vector<int64_t> taps, raw;
+};
+
+inline std::vector<PhaseTaps> phase_taps(int64_t in, int64_t out, int64_t k, int64_t stride,
+                                         int64_t pad, int64_t dil, int64_t& min_raw,
+                                         int64_t& max_raw_end) {
+  std::vector<PhaseTaps> phases(static_cast<size_t>(std::min(stride, in)));
+  min_raw = 0;
+  max_raw_end = 0;
+  bool any = false;
+  for (int64_t ph = 0; ph < static_cast<int64_t>(phases.size()); ++ph) {
+    PhaseTaps& pt = phases[ph];
+    pt.count = div_ceil(in - ph, stride);
+    for (int64_t t = k - 1; t >= 0; --t) {
+      const int64_t num = ph + pad - t * dil;
+      if (((num % stride) + stride) % stride != 0) continue;
+      const int64_t raw = num / stride;
+      // a tap whose rows are all outside [0, out) contributes nothing: skip it
+      if (raw + pt.count - 1 < 0 || raw >= out) continue;
+      pt.taps.push_back(t);
+      pt.raw.push_back(raw);
+      min_raw = any ? std::min(min_raw, raw) : raw;
+      max_raw_end = any ? std::max(max_raw_end, raw + pt.count) : raw + pt.count;
+      any = true;
+    }
+  }
+  return phases;
+}
+
+// grad_input, NCHW. Task = (n, c) input plane. For each k the grad_output plane c * m + k is
+// copied into a zero-padded buffer; every stride phase (ph_h, ph_w) of the input plane is then
+// a dense correlation of that buffer with the phase's sub-kernel (conv_rows, row step 1).
+// With stride 1 there is one phase with the whole flipped kernel (the fixed 3/5/7 kernels
+// apply) and it is written straight into the output plane, accumulating over k; with
+// stride > 1 each phase is computed into a small buffer and interleaved into the plane.
+// Every element is written by exactly one phase: no zero-fill pass, no atomics.
+template <typename scalar_t>
+void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
+                     const Conv2dShape& s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
+  const int64_t C = s.in_channels, H = s.in_h, W = s.in_w, OC = s.out_channels;
+  const int64_t m = OC / C, OH = s.out_h, OW = s.out_w, KW = s.kernel_w;
+  const int64_t K2 = s.kernel_h * s.kernel_w;
+  const int64_t sh = s.stride_h, sw = s.stride_w;
+  const auto wts = to_acc_vector<acc_t, scalar_t>(weight);
+  int64_t min_h, end_h, min_w, end_w;
+  const auto ph_h = phase_taps(H, OH, s.kernel_h, sh, s.pad_h, s.dil_h, min_h, end_h);
+  const auto ph_w = phase_taps(W, OW, s.kernel_w, sw, s.pad_w, s.dil_w, min_w, end_w);
+  PlaneBuf b;
+  b.rows = std::max<int64_t>(end_h - min_h, 1);
+  b.used_cols = std::max<int64_t>(end_w - min_w, 1);
+  b.phases = 1;
+  b.phase_len = b.used_cols;
+  b.pitch = b.phase_len;
+  b.row_off = -min_h;
+  b.col_off = -min_w;
+  int64_t max_phase = 0;
+  for (const auto& a : ph_h)
+    for (const auto& c : ph_w) max_phase = std::max(max_phase, a.count * c.count);
+  const bool direct = sh == 1 && sw == 1;
+  const scalar_t* go = grad_output.data_ptr<scalar_t>();
+  scalar_t* gi = grad_input.data_ptr<scalar_t>();
+  at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(b.size());
+    std::vector<acc_t> plane(kSame ? 0 : H * W);
+    std::vector<acc_t> tmp(direct ? 0 : max_phase);
+    std::vector<acc_t> wph(K2);
+    std::vector<int64_t> rowofs, colofs;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / C, c = p % C;
+      acc_t* dst;
+      if constexpr (kSame) {
+        dst = gi + p * H * W;
+      } else {
+        dst = plane.data();
+      }
+      for (int64_t k = 0; k < m; ++k) {
+        const int64_t oc = c * m + k;
+        fill_plane(go + (n * OC + oc) * OH * OW, OH, OW, b, buf.data());
+        const acc_t* w = wts.data() + oc * K2;
+        for (int64_t a = 0; a < static_cast<int64_t>(ph_h.size()); ++a) {
+          for (int64_t e = 0; e < static_cast<int64_t>(ph_w.size()); ++e) {
+            const PhaseTaps& th = ph_h[a];
+            const PhaseTaps& tw = ph_w[e];
+            const int64_t nkh = static_cast<int64_t>(th.taps.size());
+            const int64_t nkw = static_cast<int64_t>(tw.taps.size());
+            if (nkh == 0 || nkw == 0) {
+              if (k == 0) {  // no tap reaches this phase: its gradient is zero
+                for (int64_t i = 0; i < th.count; ++i)
+                  for (int64_t j = 0; j < tw.count; ++j) dst[(a + sh * i) * W + e + sw * j] = 0;
+              }
+              continue;
+            }
+            rowofs.resize(nkh);
+            colofs.resize(nkw);
+            for (int64_t i = 0; i < nkh; ++i) rowofs[i] = th.raw[i] - min_h;
+            for (int64_t j = 0; j < nkw; ++j) colofs[j] = tw.raw[j] - min_w;
+            for (int64_t i = 0; i < nkh; ++i)
+              for (int64_t j = 0; j < nkw; ++j) wph[i * nkw + j] = w[th.taps[i] * KW + tw.taps[j]];
+            if (direct) {
+              if (k == 0)
+                conv_rows<false>(buf.data(), b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
+                                 wph.data(), acc_t(0), dst, W, H, W);
+              else
+                conv_rows<true>(buf.data(), b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
+                                wph.data(), acc_t(0), dst, W, H, W);
+              continue;
+            }
+            conv_rows<false>(buf.data(), b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
+                             wph.data(), acc_t(0), tmp.data(), tw.count, th.count, tw.count);
+            for (int64_t i = 0; i < th.count; ++i) {
+              acc_t* drow = dst + (a + sh * i) * W + e;
+              const acc_t* trow = tmp.data() + i * tw.count;
+              if (k == 0) {
+                for (int64_t j = 0; j < tw.count; ++j) drow[sw * j] = trow[j];
+              } else {
+                for (int64_t j = 0; j < tw.count; ++j) drow[sw * j] += trow[j];
+              }
+            }
+          }
+        }
+      }
+      if constexpr (!kSame) {
+        scalar_t* gp = gi + p * H * W;
+        for (int64_t i = 0; i < H * W; ++i) gp[i] = static_cast<scalar_t>(plane[i]);
+      }
+    }
+  });
+}
+
+// grad_weight plane kernel: accv[kh][kw][lane] += sum_{r, j} g[r][j] *
+// buf[(r * row_step + rowofs[kh]) * pitch + colofs[kw] + j], lanes j % V. Loop: kh, then all
+// rows of the plane, then vectors of V columns; the KW tap sums of one kernel row stay in
+// registers for the whole plane (two sets, for two independent FMA chains, plus a half-vector
+// set for the row end), and each grad_output vector is loaded once per kernel row and reused by
+// its KW taps. The input comes from the L1/L2-resident padded buffer, never from the tensor
+// again. The partial last (half) vector zeroes the lanes past the row end in both operands (so an inf/nan that this tap never sees
+// cannot leak in as 0 * inf). KH = KW = 0: runtime tap counts, one tap at a time.
+// Bound: FMA issue / L1 loads (about 1 + 1/KW loads per FMA).
+template <int KH, int KW, bool UNIT, typename T>
+void gw_plane_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs,
+                   int64_t nkh, const int64_t* colofs, int64_t nkw, const T* g, int64_t rows,
+                   int64_t cols, T* accv) {
+  constexpr int V = kLanes<T>;
+  using vec = vec_t<T, V>;
+  constexpr bool kFixed = KH > 0;
+  constexpr int NW = kFixed ? KW : 1;  // taps handled together
+  const int64_t nh = kFixed ? KH : nkh, nw = kFixed ? KW : nkw;
+  constexpr int H = V / 2;  // finishes rows like 56 = 3 * 16 + 8 without a masked vector
+  using hvec = vec_t<T, H>;
+  const int64_t full = cols / V * V;
+  for (int64_t kh = 0; kh < nh; ++kh) {
+    for (int64_t kw0 = 0; kw0 < nw; kw0 += NW) {
+      int64_t co[NW];
+      for (int q = 0; q < NW; ++q) co[q] = UNIT ? kw0 + q : colofs[kw0 + q];
+      vec a0[NW], a1[NW];
+      hvec ah[NW];
+      for (int q = 0; q < NW; ++q) {
+        a0[q] = vload<V>(accv + ((kh * nw) + kw0 + q) * V);
+        a1[q] = vec{};
+        ah[q] = hvec{};
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = buf + (r * row_step + rowofs[kh]) * pitch + (UNIT ? colofs[0] : 0);
+        const T* gr = g + r * cols;
+        int64_t j = 0;
+        for (; j + 2 * V <= full; j += 2 * V) {
+          const vec g0 = vload<V>(gr + j), g1 = vload<V>(gr + j + V);
+          FC_UNROLL
+          for (int q = 0; q < NW; ++q) {
+            const T* xp = xr + co[q] + j;
+            a0[q] += g0 * vload<V>(xp);
+            a1[q] += g1 * vload<V>(xp + V);
+          }
+        }
+        if (j < full) {
+          const vec g0 = vload<V>(gr + j);
+          FC_UNROLL
+          for (int q = 0; q < NW; ++q) a0[q] += g0 * vload<V>(xr + co[q] + j);
+          j += V;
+        }
+        if (j + H <= cols) {
+          const hvec g0 = vload<H>(gr + j);
+          FC_UNROLL
+          for (int q = 0; q < NW; ++q) ah[q] += g0 * vload<H>(xr + co[q] + j);
+          j += H;
+        }
+        if (j < cols) {
+          const int64_t n = cols - j;
+          hvec gt{};
+          for (int64_t l = 0; l < n; ++l) gt[l] = gr[j + l];
+          FC_UNROLL
+          for (int q = 0; q < NW; ++q) ah[q] += gt * vkeep<H, T>(vload<H>(xr + co[q] + j), n);
+        }
+      }
+      for (int q = 0; q < NW; ++q) {
+        vec sum = a0[q] + a1[q];
+        for (int l = 0; l < H; ++l) sum[l] += ah[q][l];
+        vstore<V>(accv + ((kh * nw) + kw0 + q) * V, sum);
+      }
+    }
+  }
+}
+
+template <typename T>
+void gw_plane(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs, int64_t nkh,
+              const int64_t* colofs, int64_t nkw, const T* g, int64_t rows, int64_t cols,
+              T* accv) {
+  const bool unit = unit_cols(colofs, nkw);
+#define FC_CALL(KH_, KW_, UNIT_) \
+  gw_plane_impl<KH_, KW_, UNIT_>(buf, pitch, row_step, rowofs, nkh, colofs, nkw, g, rows, cols, accv)
+#define FC_FIXED(K)           \
+  if (nkh == K && nkw == K) { \
+    if (unit)                 \
+      FC_CALL(K, K, true);    \
+    else                      \
+      FC_CALL(K, K, false);   \
+    return;                   \
+  }
+  FC_FIXED(3)
+  FC_FIXED(5)
+  FC_FIXED(7)
+#undef FC_FIXED
+  FC_CALL(0, 0, false);
+#undef FC_CALL
+}
+
+// Fixed, shape-only number of batch chunks for the grad_weight reduction (so the summation
+// order never depends on the thread count): enough (chunk, channel) tasks to keep threads busy.
+inline int64_t batch_chunks(int64_t batch, int64_t channels) {
+  return std::max<int64_t>(1, std::min<int64_t>(batch, div_ceil(64, channels)));
+}
+
+// grad_weight, NCHW. Task = (batch chunk, input channel c): for each n in the chunk the input
+// plane is padded once into the buffer; for each k and output row, gw_row accumulates all
+// kH * kW tap sums. Lane partials are summed in order per task, tasks in chunk order.
+template <typename scalar_t>
+void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& grad_weight,
+                      const Conv2dShape& s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
+  constexpr int V = kLanes<acc_t>;
+  const int64_t N = s.batch, C = s.in_channels, H = s.in_h, W = s.in_w, OC = s.out_channels;
+  const int64_t m = OC / C, OH = s.out_h, OW = s.out_w, K2 = s.kernel_h * s.kernel_w;
+  const PlaneBuf b = input_plane_buf(s, 0);
+  std::vector<int64_t> rowofs, colofs;
+  input_tap_offsets(s, b, rowofs, colofs);
+  const int64_t B = batch_chunks(N, C);
+  std::vector<acc_t> partial(static_cast<size_t>(B * OC * K2));
+  const scalar_t* x = input.data_ptr<scalar_t>();
+  const scalar_t* go = grad_output.data_ptr<scalar_t>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(b.size());
+    std::vector<acc_t> gbuf(kSame ? 0 : OH * OW);  // bfloat16 grad_output plane as float
+    std::vector<acc_t> accv(m * K2 * V);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t chunk = t / C, c = t % C;
+      const int64_t n0 = chunk * N / B, n1 = (chunk + 1) * N / B;
+      std::fill(accv.begin(), accv.end(), acc_t(0));
+      for (int64_t n = n0; n < n1; ++n) {
+        fill_plane(x + (n * C + c) * H * W, H, W, b, buf.data());
+        for (int64_t k = 0; k < m; ++k) {
+          const scalar_t* gp = go + (n * OC + c * m + k) * OH * OW;
+          const acc_t* g;
+          if constexpr (kSame) {
+            g = gp;
+          } else {
+            for (int64_t i = 0; i < OH * OW; ++i) gbuf[i] = static_cast<acc_t>(gp[i]);
+            g = gbuf.data();
+          }
+          gw_plane(buf.data(), b.pitch, s.stride_h, rowofs.data(), s.kernel_h, colofs.data(),
+                   s.kernel_w, g, OH, OW, accv.data() + k * K2 * V);
+        }
+      }
+      for (int64_t k = 0; k < m; ++k) {
+        acc_t* dst = partial.data() + (chunk * OC + c * m + k) * K2;
+        for (int64_t tap = 0; tap < K2; ++tap) {
+          acc_t sum = 0;
+          for (int l = 0; l < V; ++l) sum += accv[(k * K2 + tap) * V + l];
+          dst[tap] = sum;
+        }
+      }
+    }
+  });
+  scalar_t* gw = grad_weight.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < OC * K2; ++i) {
+    acc_t sum = 0;
+    for (int64_t chunk = 0; chunk < B; ++chunk) sum += partial[chunk * OC * K2 + i];
+    gw[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// ============================================================================================
+// NHWC (channels_last): channel-vector kernels
+// ============================================================================================
+
+struct NhwcShape {
+  int64_t C, H, W, m, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+  int64_t ow_a, ow_b;  // output columns whose whole kernel row lies inside the input
+};
+
+inline NhwcShape nhwc_shape(const Conv2dShape& s) {
+  NhwcShape a;
+  a.C = s.in_channels;
+  a.H = s.in_h;
+  a.W = s.in_w;
+  a.m = s.out_channels / s.in_channels;
+  a.OH = s.out_h;
+  a.OW = s.out_w;
+  a.KH = s.kernel_h;
+  a.KW = s.kernel_w;
+  a.sh = s.stride_h;
+  a.sw = s.stride_w;
+  a.ph = s.pad_h;
+  a.pw = s.pad_w;
+  a.dh = s.dil_h;
+  a.dw = s.dil_w;
+  a.ow_a = clamp64(div_ceil(a.pw, a.sw), 0, a.OW);
+  a.ow_b = clamp64(div_floor(a.W - 1 - (a.KW - 1) * a.dw + a.pw, a.sw) + 1, a.ow_a, a.OW);
+  return a;
+}
+
+// Weights (C * m, 1, KH, KW) -> (m, KH * KW, C) so a channel block of one tap is contiguous.
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> nhwc_weights(const Tensor& weight, int64_t C, int64_t m, int64_t K2) {
+  const auto w = to_acc_vector<acc_t, scalar_t>(weight);
+  std::vector<acc_t> wt(static_cast<size_t>(m * K2 * C));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < m; ++k)
+      for (int64_t t = 0; t < K2; ++t) wt[(k * K2 + t) * C + c] = w[(c * m + k) * K2 + t];
+  return wt;
+}
+
+// Calls f(V-constant, c0) over the channel blocks [c0, c0 + V) covering [0, C): full vectors,
+// then one half vector, then single channels.
+template <int V, typename F>
+inline void for_channel_blocks(int64_t C, F&& f) {
+  int64_t c0 = 0;
+  for (; c0 + V <= C; c0 += V) f(std::integral_constant<int, V>(), c0);
+  if constexpr (V / 2 > 1) {
+    for (; c0 + V / 2 <= C; c0 += V / 2) f(std::integral_constant<int, V / 2>(), c0);
+  }
+  for (; c0 < C; ++c0) f(std::integral_constant<int, 1>(), c0);
+}
+
+// Loads V elements as accumulation-type lanes (bfloat16 widened to float) and stores them back.
+template <int V, typename S>
+inline auto vload_acc(const S* p) {
+  if constexpr (std::is_same<S, c10::BFloat16>::value) {
+    vec_t<uint16_t, V> h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const vec_t<uint32_t, V> u = __builtin_convertvector(h, vec_t<uint32_t, V>) << 16;
+    vec_t<float, V> f;
+    __builtin_memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return vload<V>(p);
+  }
+}
+template <typename A, int V, typename S>
+inline void vstore_from(S* p, const vec_t<A, V>& v) {
+  if constexpr (std::is_same<S, A>::value) {
+    vstore<V>(p, v);
+  } else {
+    for (int l = 0; l < V; ++l) p[l] = static_cast<S>(v[l]);
+  }
+}
+
+// Forward, NHWC, one output row (n, oh), one multiplier index k, channels [c0, c0 + V).
+// Loop: output pixels, taps, V channels as one vector. Interior pixels (whole window inside
+// the input) of the compiled sizes go two at a time with the weights in registers and the
+// taps addressed as row offset + column offset from one base pointer; border pixels and
+// runtime sizes check each tap (a branch per tap amortised over V channels). Bound: L1 loads
+// (one input vector per FMA) and, for k = 3, DRAM bandwidth.
+template <int KH_, int KW_, int V, typename scalar_t, typename acc_t>
+void fwd_nhwc_block(const NhwcShape& a, const scalar_t* xn, const acc_t* wk, const acc_t* bk,
+                    scalar_t* yrow, int64_t k, int64_t c0, int64_t oh) {
+  using vec = vec_t<acc_t, V>;
+  constexpr bool kFixed = KH_ > 0;
+  const int64_t KH = kFixed ? KH_ : a.KH, KW = kFixed ? KW_ : a.KW;
+  const int64_t C = a.C, W = a.W, OCk = a.m * a.C;
+  const vec bv = vload<V>(bk + c0);
+  const int64_t ih0 = oh * a.sh - a.ph;
+  const bool row_full = ih0 >= 0 && ih0 + (KH - 1) * a.dh < a.H;
+  scalar_t* ybase = yrow + k * C + c0;
+  auto checked = [&](int64_t ow_begin, int64_t ow_end) {
+    for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+      vec acc = bv;
+      const int64_t iw0 = ow * a.sw - a.pw;
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const int64_t ih = ih0 + kh * a.dh;
+        if (ih < 0 || ih >= a.H) continue;
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const int64_t iw = iw0 + kw * a.dw;
+          if (iw < 0 || iw >= W) continue;
+          acc += vload<V>(wk + (kh * KW + kw) * C + c0) *
+                 vload_acc<V>(xn + (ih * W + iw) * C + c0);
+        }
+      }
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc);
+    }
+  };
+  if (!row_full || a.ow_a >= a.ow_b) {
+    checked(0, a.OW);
+    return;
+  }
+  checked(0, a.ow_a);
+  const scalar_t* xbase = xn + ih0 * W * C + c0;
+  const int64_t step = a.sw * C;
+  if constexpr (kFixed) {
+    vec wv[KH_ * KW_];
+    int64_t roff[KH_], coff[KW_];
+    for (int t = 0; t < KH_ * KW_; ++t) wv[t] = vload<V>(wk + t * C + c0);
+    for (int kh = 0; kh < KH_; ++kh) roff[kh] = kh * a.dh * W * C;
+    for (int kw = 0; kw < KW_; ++kw) coff[kw] = kw * a.dw * C;
+    int64_t ow = a.ow_a;
+    for (; ow + 1 < a.ow_b; ow += 2) {
+      vec acc0 = bv, acc1 = bv;
+      const scalar_t* xp = xbase + (ow * a.sw - a.pw) * C;
+      FC_UNROLL
+      for (int kh = 0; kh < KH_; ++kh) {
+        const scalar_t* xr = xp + roff[kh];
+        FC_UNROLL
+        for (int kw = 0; kw < KW_; ++kw) {
+          acc0 += wv[kh * KW_ + kw] * vload_acc<V>(xr + coff[kw]);
+          acc1 += wv[kh * KW_ + kw] * vload_acc<V>(xr + coff[kw] + step);
+        }
+      }
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc0);
+      vstore_from<acc_t, V>(ybase + (ow + 1) * OCk, acc1);
+    }
+    if (ow < a.ow_b) {
+      vec acc = bv;
+      const scalar_t* xp = xbase + (ow * a.sw - a.pw) * C;
+      FC_UNROLL
+      for (int kh = 0; kh < KH_; ++kh) {
+        FC_UNROLL
+        for (int kw = 0; kw < KW_; ++kw) acc += wv[kh * KW_ + kw] * vload_acc<V>(xp + roff[kh] + coff[kw]);
+      }
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc);
+    }
+  } else {
+    for (int64_t ow = a.ow_a; ow < a.ow_b; ++ow) {
+      vec acc = bv;
+      const scalar_t* xp = xbase + (ow * a.sw - a.pw) * C;
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const scalar_t* xr = xp + kh * a.dh * W * C;
+        const acc_t* wr = wk + kh * KW * C + c0;
+        for (int64_t kw = 0; kw < KW; ++kw)
+          acc += vload<V>(wr + kw * C) * vload_acc<V>(xr + kw * a.dw * C);
+      }
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc);
+    }
+  }
+  checked(a.ow_b, a.OW);
+}
+
+template <int KH, int KW, typename scalar_t>
+void forward_nhwc_impl(const NhwcShape& a, int64_t batch, const scalar_t* x,
+                       const std::vector<typename AccOf<scalar_t>::type>& wt,
+                       const std::vector<typename AccOf<scalar_t>::type>& bt, scalar_t* y) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t K2 = a.KH * a.KW, OCk = a.m * a.C;
+  at::parallel_for(0, batch * a.OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / a.OH, oh = row % a.OH;
+      const scalar_t* xn = x + n * a.H * a.W * a.C;
+      scalar_t* yrow = y + row * a.OW * OCk;
+      for (int64_t k = 0; k < a.m; ++k) {
+        const acc_t* wk = wt.data() + k * K2 * a.C;
+        const acc_t* bk = bt.data() + k * a.C;
+        for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
+          fwd_nhwc_block<KH, KW, decltype(v)::value>(a, xn, wk, bk, yrow, k, c0, oh);
+        });
+      }
+    }
+  });
+}
+
+// Runs F<KH, KW>() for the compiled square sizes, F<0, 0>() otherwise.
+template <template <int, int> class F, typename... Args>
+void dispatch_kernel_size(int64_t kh, int64_t kw, Args&&... args) {
+  if (kh == kw && kh == 3) return F<3, 3>::run(std::forward<Args>(args)...);
+  if (kh == kw && kh == 5) return F<5, 5>::run(std::forward<Args>(args)...);
+  if (kh == kw && kh == 7) return F<7, 7>::run(std::forward<Args>(args)...);
+  return F<0, 0>::run(std::forward<Args>(args)...);
+}
+
+template <int KH, int KW>
+struct ForwardNhwc {
+  template <typename... Args>
+  static void run(Args&&... args) {
+    forward_nhwc_impl<KH, KW>(std::forward<Args>(args)...);
+  }
+};
+
+// k-major (N, OH, OW, m, C) view of a channels_last (N, C * m, OH, OW) tensor's data.
+inline Tensor to_k_major(const Tensor& t_cl, int64_t C, int64_t m) {
+  const Tensor nhwc = t_cl.permute({0, 2, 3, 1});  // (N, OH, OW, C * m), contiguous
+  if (m == 1) return nhwc;
+  return nhwc.reshape({t_cl.size(0), t_cl.size(2), t_cl.size(3), C, m}).transpose(3, 4).contiguous();
+}
+
+template <typename scalar_t>
+void forward_nhwc(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                  Tensor& out, const Conv2dShape& s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const NhwcShape a = nhwc_shape(s);
+  const int64_t K2 = a.KH * a.KW;
+  const auto wt = nhwc_weights<acc_t, scalar_t>(weight, a.C, a.m, K2);
+  const auto b = bias_vector<acc_t, scalar_t>(bias, s.out_channels);
+  std::vector<acc_t> bt(b.size());
+  for (int64_t c = 0; c < a.C; ++c)
+    for (int64_t k = 0; k < a.m; ++k) bt[k * a.C + c] = b[c * a.m + k];
+  // m == 1: write the output directly; otherwise k-major into a scratch tensor, permuted below
+  Tensor ykm = a.m == 1 ? out : at::empty({s.batch, a.OH, a.OW, a.m, a.C}, out.options());
+  dispatch_kernel_size<ForwardNhwc>(a.KH, a.KW, a, s.batch, input.data_ptr<scalar_t>(), wt, bt,
+                                    ykm.data_ptr<scalar_t>());
+  if (a.m > 1) {
+    out.permute({0, 2, 3, 1})
+        .view({s.batch, a.OH, a.OW, a.C, a.m})
+        .copy_(ykm.transpose(3, 4));
+  }
+}
+
+// For each input position i (one dimension), the taps t and output positions o with
+// o * stride = i + pad - t * dil, 0 <= o < out: the gather list of grad_input.
+struct TapList {
+  std::vector<int64_t> start, tap, pos;  // entries [start[i], start[i + 1]) belong to i
+};
+
+inline TapList gather_taps(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad,
+                           int64_t dil) {
+  TapList L;
+  L.start.reserve(in + 1);
+  for (int64_t i = 0; i < in; ++i) {
+    L.start.push_back(static_cast<int64_t>(L.tap.size()));
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t o = output_for_tap(i, t, stride, pad, dil, out);
+      if (o < 0) continue;
+      L.tap.push_back(t);
+      L.pos.push_back(o);
+    }
+  }
+  L.start.push_back(static_cast<int64_t>(L.tap.size()));
+  return L;
+}
+
+// grad_input, NHWC, one input row (n, ih), channels [c0, c0 + V): for each input pixel, sum
+// grad_output * w over the (tap, output) pairs that reach it. With stride 1, m == 1 and the
+// whole window inside grad_output, the compiled sizes go two pixels at a time with the
+// weights in registers; otherwise the precomputed gather lists drive the loop (no divisions in
+// the pixel loop). Bound: L1 loads (one grad_output vector per FMA).
+template <int KH_, int KW_, int V, typename scalar_t, typename acc_t>
+void gi_nhwc_block(const NhwcShape& a, const TapList& lh, const TapList& lw,
+                   const scalar_t* gon, const acc_t* wt, scalar_t* girow, int64_t c0,
+                   int64_t ih) {
+  using vec = vec_t<acc_t, V>;
+  constexpr bool kFixed = KH_ > 0;
+  const int64_t KW = a.KW, K2 = a.KH * a.KW, C = a.C, OW = a.OW, OCk = a.m * a.C;
+  const int64_t h0 = lh.start[ih], h1 = lh.start[ih + 1];
+  scalar_t* dbase = girow + c0;
+  auto gathered = [&](int64_t iw_begin, int64_t iw_end) {
+    for (int64_t iw = iw_begin; iw < iw_end; ++iw) {
+      vec acc{};
+      const int64_t w0 = lw.start[iw], w1 = lw.start[iw + 1];
+      for (int64_t hi = h0; hi < h1; ++hi) {
+        const int64_t kh = lh.tap[hi], oh = lh.pos[hi];
+        for (int64_t wi = w0; wi < w1; ++wi) {
+          const int64_t kw = lw.tap[wi], ow = lw.pos[wi];
+          const scalar_t* gp = gon + (oh * OW + ow) * OCk + c0;
+          const acc_t* wp = wt + (kh * KW + kw) * C + c0;
+          for (int64_t k = 0; k < a.m; ++k)
+            acc += vload<V>(wp + k * K2 * C) * vload_acc<V>(gp + k * C);
+        }
+      }
+      vstore_from<acc_t, V>(dbase + iw * C, acc);
+    }
+  };
+  const int64_t oh0 = ih + a.ph;  // stride 1: tap kh reads grad_output row oh0 - kh * dh
+  const bool fast = kFixed && a.sh == 1 && a.sw == 1 && a.m == 1 &&
+                    oh0 - (a.KH - 1) * a.dh >= 0 && oh0 < a.OH;
+  const int64_t iw_a = clamp64((a.KW - 1) * a.dw - a.pw, 0, a.W);
+  const int64_t iw_b = clamp64(OW - a.pw, iw_a, a.W);
+  if constexpr (kFixed) {
+    if (fast && iw_a < iw_b) {
+      gathered(0, iw_a);
+      vec wv[KH_ * KW_];
+      int64_t roff[KH_], coff[KW_];
+      for (int t = 0; t < KH_ * KW_; ++t) wv[t] = vload<V>(wt + t * C + c0);
+      for (int kh = 0; kh < KH_; ++kh) roff[kh] = -kh * a.dh * OW * C;
+      for (int kw = 0; kw < KW_; ++kw) coff[kw] = -kw * a.dw * C;
+      const scalar_t* gbase = gon + (oh0 * OW + a.pw) * C + c0;
+      int64_t iw = iw_a;
+      for (; iw + 1 < iw_b; iw += 2) {
+        vec acc0{}, acc1{};
+        const scalar_t* gp = gbase + iw * C;
+        FC_UNROLL
+        for (int kh = 0; kh < KH_; ++kh) {
+          const scalar_t* gr = gp + roff[kh];
+          FC_UNROLL
+          for (int kw = 0; kw < KW_; ++kw) {
+            acc0 += wv[kh * KW_ + kw] * vload_acc<V>(gr + coff[kw]);
+            acc1 += wv[kh * KW_ + kw] * vload_acc<V>(gr + coff[kw] + C);
+          }
+        }
+        vstore_from<acc_t, V>(dbase + iw * C, acc0);
+        vstore_from<acc_t, V>(dbase + (iw + 1) * C, acc1);
+      }
+      gathered(iw, a.W);
+      return;
+    }
+  }
+  gathered(0, a.W);
+}
+
+template <int KH, int KW>
+struct GradInputNhwc {
+  template <typename scalar_t, typename acc_t>
+  static void run(const NhwcShape& a, int64_t batch, const scalar_t* go, const acc_t* wt,
+                  scalar_t* gi) {
+    const TapList lh = gather_taps(a.H, a.OH, a.KH, a.sh, a.ph, a.dh);
+    const TapList lw = gather_taps(a.W, a.OW, a.KW, a.sw, a.pw, a.dw);
+    at::parallel_for(0, batch * a.H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / a.H, ih = row % a.H;
+        const scalar_t* gon = go + n * a.OH * a.OW * a.m * a.C;
+        scalar_t* girow = gi + row * a.W * a.C;
+        for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
+          gi_nhwc_block<KH, KW, decltype(v)::value>(a, lh, lw, gon, wt, girow, c0, ih);
+        });
+      }
+    });
+  }
+};
+
+template <typename scalar_t>
+void grad_input_nhwc(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
+                     const Conv2dShape& s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const NhwcShape a = nhwc_shape(s);
+  const auto wt = nhwc_weights<acc_t, scalar_t>(weight, a.C, a.m, a.KH * a.KW);
+  const Tensor gokm = to_k_major(grad_output, a.C, a.m);
+  dispatch_kernel_size<GradInputNhwc>(a.KH, a.KW, a, s.batch, gokm.data_ptr<scalar_t>(),
+                                      wt.data(), grad_input.data_ptr<scalar_t>());
+}
+
+// grad_weight, NHWC, one grad_output row (n, oh), multiplier index k, channels [c0, c0 + V):
+// part[tap][k * C + c] += sum_ow g[ow][c] * x[ih][iw(ow, kw)][c]. For each kernel row the KW
+// tap sums of the interior pixels stay in registers (two sets: even and odd pixels, for two
+// FMA chains), each grad_output vector is loaded once and reused by the KW taps, and the sums
+// are added to the chunk's partial sums once per row; border pixels and runtime sizes add tap
+// by tap. Bound: L1 loads (about one input vector per FMA).
+template <int KH_, int KW_, int V, typename scalar_t, typename acc_t>
+void gw_nhwc_block(const NhwcShape& a, const scalar_t* xn, const scalar_t* gorow, acc_t* part,
+                   int64_t k, int64_t c0, int64_t oh) {
+  using vec = vec_t<acc_t, V>;
+  constexpr bool kFixed = KH_ > 0;
+  const int64_t KH = kFixed ? KH_ : a.KH, KW = kFixed ? KW_ : a.KW;
+  const int64_t C = a.C, W = a.W, OCk = a.m * a.C;
+  const int64_t ih0 = oh * a.sh - a.ph;
+  const scalar_t* gr = gorow + k * C + c0;
+  acc_t* pbase = part + k * C + c0;
+  auto checked = [&](int64_t kh, const scalar_t* xr, int64_t ow_begin, int64_t ow_end) {
+    for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+      const vec g = vload_acc<V>(gr + ow * OCk);
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t iw = ow * a.sw - a.pw + kw * a.dw;
+        if (iw < 0 || iw >= W) continue;
+        acc_t* pp = pbase + (kh * KW + kw) * OCk;
+        vstore<V>(pp, vload<V>(pp) + g * vload_acc<V>(xr + iw * C));
+      }
+    }
+  };
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    const int64_t ih = ih0 + kh * a.dh;
+    if (ih < 0 || ih >= a.H) continue;
+    const scalar_t* xr = xn + ih * W * C + c0;
+    if constexpr (kFixed) {
+      vec acc0[KW_], acc1[KW_];
+      int64_t coff[KW_];
+      for (int kw = 0; kw < KW_; ++kw) {
+        acc0[kw] = vec{};
+        acc1[kw] = vec{};
+        coff[kw] = kw * a.dw * C;
+      }
+      const int64_t step = a.sw * C;
+      int64_t ow = a.ow_a;
+      for (; ow + 1 < a.ow_b; ow += 2) {
+        const vec g0 = vload_acc<V>(gr + ow * OCk), g1 = vload_acc<V>(gr + (ow + 1) * OCk);
+        const scalar_t* xp = xr + (ow * a.sw - a.pw) * C;
+        FC_UNROLL
+        for (int kw = 0; kw < KW_; ++kw) {
+          acc0[kw] += g0 * vload_acc<V>(xp + coff[kw]);
+          acc1[kw] += g1 * vload_acc<V>(xp + coff[kw] + step);
+        }
+      }
+      if (ow < a.ow_b) {
+        const vec g0 = vload_acc<V>(gr + ow * OCk);
+        const scalar_t* xp = xr + (ow * a.sw - a.pw) * C;
+        FC_UNROLL
+        for (int kw = 0; kw < KW_; ++kw) acc0[kw] += g0 * vload_acc<V>(xp + coff[kw]);
+      }
+      for (int kw = 0; kw < KW_; ++kw) {
+        acc_t* pp = pbase + (kh * KW_ + kw) * OCk;
+        vstore<V>(pp, vload<V>(pp) + (acc0[kw] + acc1[kw]));
+      }
+      checked(kh, xr, 0, a.ow_a);
+      checked(kh, xr, std::max(a.ow_a, a.ow_b), a.OW);
+    } else {
+      checked(kh, xr, 0, a.OW);
+    }
+  }
+}
+
+// Fixed, shape-only number of row chunks for the NHWC grad_weight reduction.
+inline int64_t row_chunks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, 64)); }
+
+template <int KH, int KW>
+struct GradWeightNhwc {
+  template <typename scalar_t, typename acc_t>
+  static void run(const NhwcShape& a, int64_t batch, const scalar_t* x, const scalar_t* go,
+                  std::vector<acc_t>& partial, int64_t T) {
+    const int64_t R = batch * a.OH, OCk = a.m * a.C, K2 = a.KH * a.KW;
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        acc_t* part = partial.data() + chunk * K2 * OCk;
+        std::fill(part, part + K2 * OCk, acc_t(0));
+        for (int64_t row = chunk * R / T; row < (chunk + 1) * R / T; ++row) {
+          const int64_t n = row / a.OH, oh = row % a.OH;
+          const scalar_t* xn = x + n * a.H * a.W * a.C;
+          const scalar_t* gorow = go + row * a.OW * OCk;
+          for (int64_t k = 0; k < a.m; ++k) {
+            for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
+              gw_nhwc_block<KH, KW, decltype(v)::value>(a, xn, gorow, part, k, c0, oh);
+            });
+          }
+        }
+      }
+    });
+  }
+};
+
+template <typename scalar_t>
+void grad_weight_nhwc(const Tensor& grad_output, const Tensor& input, Tensor& grad_weight,
+                      const Conv2dShape& s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const NhwcShape a = nhwc_shape(s);
+  const int64_t K2 = a.KH * a.KW, OCk = a.m * a.C;
+  const Tensor gokm = to_k_major(grad_output, a.C, a.m);
+  const int64_t T = row_chunks(s.batch * a.OH);
+  std::vector<acc_t> partial(static_cast<size_t>(T * K2 * OCk));
+  dispatch_kernel_size<GradWeightNhwc>(a.KH, a.KW, a, s.batch, input.data_ptr<scalar_t>(),
+                                       gokm.data_ptr<scalar_t>(), partial, T);
+  scalar_t* gw = grad_weight.data_ptr<scalar_t>();
+  for (int64_t c = 0; c < a.C; ++c) {
+    for (int64_t k = 0; k < a.m; ++k) {
+      for (int64_t t = 0; t < K2; ++t) {
+        acc_t sum = 0;
+        for (int64_t chunk = 0; chunk < T; ++chunk) sum += partial[(chunk * K2 + t) * OCk + k * a.C + c];
+        gw[(c * a.m + k) * K2 + t] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ============================================================================================
+// entry points
+// ============================================================================================
+
+at::Tensor depthwise_conv2d_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "depthwise_conv2d";
+  const Conv2dShape s = check_depthwise_conv2d(op, input, weight, bias, stride, padding, dilation);
+  const auto fmt = conv_memory_format(input, weight);
+  Tensor out = at::empty({s.batch, s.out_channels, s.out_h, s.out_w},
+                         input.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const Tensor w = weight.contiguous();
+  c10::optional<Tensor> b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), op, [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      forward_nhwc<scalar_t>(input.contiguous(fmt), w, b, out, s);
+    } else {
+      forward_nchw<scalar_t>(input.contiguous(), w, b, out, s);
+    }
+  });
+  return out;
+}
+
+at::Tensor depthwise_conv2d_grad_input_cpu(
+    const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "_depthwise_conv2d_grad_input";
+  const Conv2dShape s =
+      check_depthwise_shapes(op, input_size, weight.sizes(), stride, padding, dilation);
+  check_grad_output(op, grad_output, weight, "weight", s);
+  const auto fmt = conv_memory_format(grad_output, weight);
+  Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(fmt));
+  if (grad_input.numel() == 0) return grad_input;
+  const Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_output.scalar_type(), op, [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      grad_input_nhwc<scalar_t>(grad_output.contiguous(fmt), w, grad_input, s);
+    } else {
+      grad_input_nchw<scalar_t>(grad_output.contiguous(), w, grad_input, s);
+    }
+  });
+  return grad_input;
+}
+
+at::Tensor depthwise_conv2d_grad_weight_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "_depthwise_conv2d_grad_weight";
+  const Conv2dShape s =
+      check_depthwise_shapes(op, input.sizes(), weight_size, stride, padding, dilation);
+  check_grad_output(op, grad_output, input, "input", s);
+  Tensor grad_weight = at::empty(weight_size, grad_output.options());
+  if (grad_output.numel() == 0) return grad_weight.zero_();
+  // channels_last when either operand is, like the forward's rule
+  const auto fmt = conv_memory_format(grad_output, input);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_output.scalar_type(), op, [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      grad_weight_nhwc<scalar_t>(grad_output.contiguous(fmt), input.contiguous(fmt), grad_weight,
+                                 s);
+    } else {
+      grad_weight_nchw<scalar_t>(grad_output.contiguous(), input.contiguous(), grad_weight, s);
+    }
+  });
+  return grad_weight;
+}
+
+TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
+  m.impl("depthwise_conv2d", &depthwise_conv2d_forward_cpu);
+  m.impl("_depthwise_conv2d_grad_input", &depthwise_conv2d_grad_input_cpu);
+  m.impl("_depthwise_conv2d_grad_weight", &depthwise_conv2d_grad_weight_cpu);
+}
+
 }  // namespace fastconv

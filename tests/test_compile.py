@@ -1,0 +1,116 @@
+"""torch.compile(fullgraph=True) over models built from fastconv layers: the ops trace through
+their fake kernels and registered autograd with no graph break, and the compiled forward and
+backward give the eager results."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+from fastconv import nn as fnn
+from fastconv.models import MBConv, SimpleCNN
+from conftest import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _simplecnn():
+    torch.manual_seed(0)
+    return fastconv.convert(SimpleCNN(3, 5, input_size=8, widths=(4, 8, 8), hidden=16))
+
+
+def _mbconv():
+    # depthwise conv, squeeze-excitation 1x1 convs and a max-pool with indices
+    torch.manual_seed(0)
+    return fastconv.convert(nn.Sequential(
+        MBConv(4, 4, expand_ratio=2, kernel_size=3, se_ratio=0.5),
+        nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+    ))
+
+
+def _eager_and_compiled(make, x, backend, dtype=torch.float32):
+    eager = make().to(dtype)
+    compiled_model = make().to(dtype)
+    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
+    results = []
+    for model, fn in ((eager, eager), (compiled_model, compiled)):
+        xi = x.detach().clone().to(dtype).requires_grad_(True)
+        y = fn(xi)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    return results
+
+
+def _assert_same(results, dtype):
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    assert_close(y2, y1, dtype)
+    assert_close(gx2, gx1, dtype)
+    for n in gp1:
+        assert_close(gp2[n], gp1[n], dtype, msg=lambda m: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("make", [_simplecnn, _mbconv], ids=["simplecnn", "mbconv_pool"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_aot_eager_matches_eager(make, train):
+    x = torch.randn(2, 3 if make is _simplecnn else 4, 8, 8)
+
+    def build():
+        return make().train(train)
+
+    _assert_same(_eager_and_compiled(build, x, "aot_eager"), torch.float32)
+
+
+def test_compile_graph_has_fastconv_ops():
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    model = _mbconv().eval()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randn(1, 4, 8, 8))
+    assert {"fastconv.conv2d", "fastconv.depthwise_conv2d", "fastconv.max_pool2d"} <= set(seen)
+    # no torch conv / max-pool anywhere in the graph (the SE block's average pool is torch's)
+    others = [t for t in seen if not t.startswith("fastconv.")
+              and ("conv" in t or ("pool" in t and "adaptive_avg_pool2d" not in t))]
+    assert others == []
+
+
+def test_compile_dynamic_batch():
+    model = _simplecnn().eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for n in (1, 3, 5):
+            x = torch.randn(n, 3, 8, 8)
+            assert_close(compiled(x), model(x))
+
+
+def _conv_relu_pool():
+    torch.manual_seed(0)
+    return nn.Sequential(fnn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), fnn.MaxPool2d(2))
+
+
+@pytest.mark.slow  # a cold inductor cache takes 30-40 s of g++ on a busy 2-core machine
+def test_compile_inductor_matches_eager():
+    # inductor leaves the custom ops as extern calls and generates C++ for what is around
+    # them (kept tiny: every generated kernel is a g++ run)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _assert_same(_eager_and_compiled(_conv_relu_pool, x, "inductor", dtype=torch.float64),
+                 torch.float64)
+
+
+def test_compile_functional_padding_modes():
+    torch.manual_seed(0)
+    conv = fnn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect", algo="im2col").double()
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    assert_close(compiled(x), conv(x))
+    # unbatched input goes through the same Python normalisation inside the graph
+    assert_close(compiled(x[0]), conv(x[0]))
