@@ -135,13 +135,24 @@ inline Interior interior(int64_t out, int64_t s, int64_t p, int64_t d, int64_t k
   return {a, b};
 }
 
+// at::parallel_for grain for units of `work` element visits each: small calls stay on the
+// calling thread, like ATen's own kernels (at::internal::GRAIN_SIZE).
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
+}
+
 // Work units for the NCHW kernels: (plane, block of rows). Rows are split only when the planes
 // alone cannot keep every thread busy (a split costs the ring / candidate set-up per block).
-inline void split_rows(int64_t planes, int64_t rows, int64_t& blocks, int64_t& rows_per_block) {
+struct RowSplit {
+  int64_t blocks, rows_per_block, grain;
+};
+
+inline RowSplit split_rows(int64_t planes, int64_t rows, int64_t work_per_row) {
   const int64_t want_units = 4 * static_cast<int64_t>(at::get_num_threads());
-  blocks = planes >= want_units ? 1 : std::min(rows, ceil_div(want_units, planes));
-  rows_per_block = ceil_div(rows, blocks);
+  int64_t blocks = planes >= want_units ? 1 : std::min(rows, ceil_div(want_units, planes));
+  const int64_t rows_per_block = ceil_div(rows, blocks);
   blocks = ceil_div(rows, rows_per_block);
+  return {blocks, rows_per_block, grain_for(rows_per_block * work_per_row)};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -153,7 +164,7 @@ void max_pool2d_scalar(const scalar_t* in, scalar_t* out, void* idx_ptr, const P
                        int64_t in_sn, int64_t in_sc, int64_t in_sh, int64_t in_sw,
                        int64_t out_sn, int64_t out_sc, int64_t out_sh, int64_t out_sw) {
   using acc_t = typename AccType<scalar_t>::type;
-  at::parallel_for(0, s.batch * s.channels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * s.channels, grain_for(s.out_h * s.out_w * max_pool2d_taps(s)), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
       const int64_t n = pl / s.channels, c = pl % s.channels;
       const scalar_t* x = in + n * in_sn + c * in_sc;
@@ -279,10 +290,10 @@ void max_pool2d_nchw(const scalar_t* in, scalar_t* out, void* idx_ptr, const Poo
   for (int64_t oh = 0; oh < OH; ++oh) {
     row_taps[oh] = tap_range(oh, s.stride_h, s.pad_h, s.dil_h, s.kernel_h, H);
   }
-  int64_t blocks, rows_per_block;
-  split_rows(planes, OH, blocks, rows_per_block);
+  const RowSplit split = split_rows(planes, OH, OW * max_pool2d_taps(s));
+  const int64_t blocks = split.blocks, rows_per_block = split.rows_per_block;
 
-  at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes * blocks, split.grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ring_v(R * OW), ov(OW);
     std::vector<int32_t> ring_j(IDX ? R * OW : 0), ot(IDX ? OW : 0), oj(IDX ? OW : 0);
     std::vector<int64_t> tag(R);
@@ -413,7 +424,7 @@ void max_pool2d_channels_last(const scalar_t* in, scalar_t* out, void* idx_ptr,
   constexpr int CB = std::is_same<scalar_t, double>::value ? kMaxCB / 2 : kMaxCB;
   const int64_t C = s.channels;
   const size_t isz = M == PoolIndices::kCompact ? 1 : (M == PoolIndices::kFull ? 8 : 0);
-  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * s.out_h, grain_for(s.out_w * s.channels * max_pool2d_taps(s)), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t nb = u / s.out_h, oh = u % s.out_h;
       const scalar_t* xn = in + nb * s.in_h * s.in_w * C;
@@ -490,7 +501,9 @@ class CandTable {
 // contributions are a contiguous, vectorisable pass over q: acc[q] += idx == tap ? g : 0.
 // Terms are added in increasing (oh, ow), the order torch's scatter uses, and the row is
 // written once. Index compare: uint8 against the tap number, or int64 against h * W + w.
-// Bound: writing grad_input (grad_output and indices rows are re-read from L1/L2).
+// Bound: instruction issue, ~(kH/sH)*(kW/sW) compare-and-add lanes per input element (2.25 for
+// 3x3/s2; ~2.4 ms per core for a 25.7 MB grad_input in the AVX-512 version, against 0.4 ms to
+// merely write it); grad_output and index rows are re-read from L1/L2.
 // ------------------------------------------------------------------------------------------
 struct ColTap {
   int64_t j, c, q_lo, q_hi;  // tap, output column offset (ow = q + c), valid q range
@@ -529,10 +542,10 @@ void max_pool2d_backward_nchw(const scalar_t* g, const index_t* idx, scalar_t* g
 
   const std::vector<std::vector<ColTap>> cls = column_classes(s);
   const CandTable rows(H, OH, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
-  int64_t blocks, rows_per_block;
-  split_rows(planes, H, blocks, rows_per_block);
+  const RowSplit split = split_rows(planes, H, W * 4);
+  const int64_t blocks = split.blocks, rows_per_block = split.rows_per_block;
 
-  at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes * blocks, split.grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> accbuf(nres * qmax);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t pl = u / blocks, blk = u % blocks;
@@ -601,7 +614,7 @@ void max_pool2d_backward_nchw(const scalar_t* g, const index_t* idx, scalar_t* g
 // ceil(kH/sH) * ceil(kW/sW)) windows containing it are visited in increasing (oh, ow); for
 // each, a contiguous pass over channels adds grad_output where the index names this pixel,
 // accumulating in registers per CB-channel block; each grad_input pixel is stored once.
-// Bound: writing grad_input.
+// Bound: instruction issue as for NCHW (one compare-and-add per candidate window per channel).
 // ------------------------------------------------------------------------------------------
 template <int CB, typename scalar_t, typename index_t>
 inline void cl_gather(const scalar_t* __restrict gn, const index_t* __restrict in_idx,
@@ -639,7 +652,7 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
   const int64_t C = s.channels, W = s.in_w;
   const CandTable rows(s.in_h, s.out_h, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
   const CandTable cols(W, s.out_w, s.stride_w, s.pad_w, s.dil_w, s.kernel_w);
-  at::parallel_for(0, s.batch * s.in_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * s.in_h, grain_for(s.in_w * s.channels * 4), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t nb = u / s.in_h, h = u % s.in_h;
       const Cand* hc = rows.at(h);
@@ -662,11 +675,12 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
 }
 
 // ------------------------------------------------------------------------------------------
-// AVX-512 versions of the NCHW kernels for float lanes (float32, and bfloat16 widened to
-// float), stride_w 1 or 2. The generic loops above leave the short rows of real networks
-// (28..112 outputs) mostly to scalar epilogues with a branch per element; these keep every
-// row in 16-lane registers with masked loads / stores for the tail, and compute the same
-// ordered reductions as the generic code, lane by lane.
+// AVX-512 versions of all four kernels for float lanes (float32, and bfloat16 widened to
+// float); NCHW ones for stride_w 1 or 2. The portable loops above leave the short rows of
+// real networks (28..112 outputs) mostly to scalar epilogues with a branch per element, and
+// GCC turns their conditional adds into masked loads; these keep each 16-lane block in
+// registers, touch memory with whole vectors except at a tensor's ends and a row's tail, and
+// compute the same ordered reductions as the portable code, lane by lane.
 // ------------------------------------------------------------------------------------------
 #ifdef FASTCONV_MP_AVX512
 namespace simd {
@@ -851,12 +865,12 @@ void max_pool2d_nchw(const scalar_t* in, scalar_t* out, void* idx_ptr, const Poo
   for (int64_t oh = 0; oh < OH; ++oh) {
     row_taps[oh] = tap_range(oh, s.stride_h, s.pad_h, s.dil_h, s.kernel_h, H);
   }
-  int64_t blocks, rows_per_block;
-  split_rows(planes, OH, blocks, rows_per_block);
+  const RowSplit split = split_rows(planes, OH, OW * max_pool2d_taps(s));
+  const int64_t blocks = split.blocks, rows_per_block = split.rows_per_block;
   const int32_t kW32 = static_cast<int32_t>(s.kernel_w);
   const int64_t OWP = ceil_div(OW, 16) * 16;
 
-  at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes * blocks, split.grain, [&](int64_t begin, int64_t end) {
     // ring rows padded to whole vectors: plain loads and stores on the scratch
     std::vector<float> ring_v(R * OWP);
     std::vector<int32_t> ring_j(IDX ? R * OWP : 0);
@@ -973,15 +987,15 @@ void max_pool2d_backward_nchw(const scalar_t* g, const index_t* idx, scalar_t* g
   const int64_t nres = std::min<int64_t>(SW, W);
   const std::vector<std::vector<ColTap>> cls = column_classes(s);
   const CandTable rows(H, OH, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
-  int64_t blocks, rows_per_block;
-  split_rows(planes, H, blocks, rows_per_block);
+  const RowSplit split = split_rows(planes, H, W * 4);
+  const int64_t blocks = split.blocks, rows_per_block = split.rows_per_block;
   const int64_t qn = ceil_div(W, SW);          // q's of class 0 (the longest)
   const int64_t qpad = ceil_div(qn, 16) * 16 + 16;  // whole blocks from any start
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
                                            15, 31);
 
-  at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes * blocks, split.grain, [&](int64_t begin, int64_t end) {
     std::vector<float> accbuf(2 * qpad);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t pl = u / blocks, blk = u % blocks;
@@ -1087,7 +1101,7 @@ void max_pool2d_channels_last(const scalar_t* in, scalar_t* out, void* idx_ptr,
   const Region<scalar_t> reg(in, s.batch * s.in_h * W * C);
   const int64_t taps_max = s.kernel_h * s.kernel_w;
   const size_t isz = M == PoolIndices::kCompact ? 1 : (M == PoolIndices::kFull ? 8 : 0);
-  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * s.out_h, grain_for(s.out_w * s.channels * max_pool2d_taps(s)), [&](int64_t begin, int64_t end) {
     std::vector<const scalar_t*> taps(taps_max);
     std::vector<int32_t> ids(taps_max);
     for (int64_t u = begin; u < end; ++u) {
@@ -1135,7 +1149,7 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
   const Region<index_t> ireg(idx, out_numel);
   const CandTable rows(s.in_h, s.out_h, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
   const CandTable cols(W, s.out_w, s.stride_w, s.pad_w, s.dil_w, s.kernel_w);
-  at::parallel_for(0, s.batch * s.in_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * s.in_h, grain_for(s.in_w * s.channels * 4), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> offs(s.kernel_h * s.kernel_w);
     std::vector<int32_t> taps(s.kernel_h * s.kernel_w);
     for (int64_t u = begin; u < end; ++u) {
