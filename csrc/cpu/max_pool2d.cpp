@@ -164,7 +164,8 @@ void max_pool2d_scalar(const scalar_t* in, scalar_t* out, void* idx_ptr, const P
                        int64_t in_sn, int64_t in_sc, int64_t in_sh, int64_t in_sw,
                        int64_t out_sn, int64_t out_sc, int64_t out_sh, int64_t out_sw) {
   using acc_t = typename AccType<scalar_t>::type;
-  at::parallel_for(0, s.batch * s.channels, grain_for(s.out_h * s.out_w * max_pool2d_taps(s)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(s.out_h * s.out_w * max_pool2d_taps(s));
+  at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
       const int64_t n = pl / s.channels, c = pl % s.channels;
       const scalar_t* x = in + n * in_sn + c * in_sc;
@@ -424,7 +425,8 @@ void max_pool2d_channels_last(const scalar_t* in, scalar_t* out, void* idx_ptr,
   constexpr int CB = std::is_same<scalar_t, double>::value ? kMaxCB / 2 : kMaxCB;
   const int64_t C = s.channels;
   const size_t isz = M == PoolIndices::kCompact ? 1 : (M == PoolIndices::kFull ? 8 : 0);
-  at::parallel_for(0, s.batch * s.out_h, grain_for(s.out_w * s.channels * max_pool2d_taps(s)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(s.out_w * s.channels * max_pool2d_taps(s));
+  at::parallel_for(0, s.batch * s.out_h, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t nb = u / s.out_h, oh = u % s.out_h;
       const scalar_t* xn = in + nb * s.in_h * s.in_w * C;
@@ -652,7 +654,8 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
   const int64_t C = s.channels, W = s.in_w;
   const CandTable rows(s.in_h, s.out_h, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
   const CandTable cols(W, s.out_w, s.stride_w, s.pad_w, s.dil_w, s.kernel_w);
-  at::parallel_for(0, s.batch * s.in_h, grain_for(s.in_w * s.channels * 4), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(s.in_w * s.channels * 4);
+  at::parallel_for(0, s.batch * s.in_h, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t nb = u / s.in_h, h = u % s.in_h;
       const Cand* hc = rows.at(h);
@@ -822,7 +825,9 @@ inline void hmax_row(const Region<scalar_t>& reg, const scalar_t* xr, const Pool
       m = load_strided<SW>(reg, p, 0, span);
       for (int64_t j = 1; j < kW; ++j) {
         const __m512 v = load_strided<SW>(reg, p + j * dW, 0, span);
-        if constexpr (IDX) t = _mm512_mask_mov_epi32(t, takes(v, m), _mm512_set1_epi32(int32_t(j)));
+        if constexpr (IDX) {
+          t = _mm512_mask_mov_epi32(t, takes(v, m), _mm512_set1_epi32(int32_t(j)));
+        }
         m = combine(m, v);
       }
     } else {
@@ -920,14 +925,17 @@ void max_pool2d_nchw(const scalar_t* in, scalar_t* out, void* idx_ptr, const Poo
           }
           store_max(out + o_row + q, m, k);
           if constexpr (M == PoolIndices::kCompact) {
-            const __m512i tap = _mm512_add_epi32(_mm512_mullo_epi32(ti, _mm512_set1_epi32(kW32)), tj);
+            const __m512i tap =
+                _mm512_add_epi32(_mm512_mullo_epi32(ti, _mm512_set1_epi32(kW32)), tj);
             store_bytes(static_cast<uint8_t*>(idx_ptr) + o_row + q, tap, k);
           } else if constexpr (M == PoolIndices::kFull) {
             int64_t* io = static_cast<int64_t*>(idx_ptr) + o_row + q;
             const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
             for (int half = 0; half < 2; ++half) {
-              const __m256i ti8 = half ? _mm512_extracti64x4_epi64(ti, 1) : _mm512_castsi512_si256(ti);
-              const __m256i tj8 = half ? _mm512_extracti64x4_epi64(tj, 1) : _mm512_castsi512_si256(tj);
+              const __m256i ti8 =
+                  half ? _mm512_extracti64x4_epi64(ti, 1) : _mm512_castsi512_si256(ti);
+              const __m256i tj8 =
+                  half ? _mm512_extracti64x4_epi64(tj, 1) : _mm512_castsi512_si256(tj);
               const __m512i h = _mm512_add_epi64(
                   _mm512_set1_epi64(h0), _mm512_mullo_epi64(_mm512_cvtepi32_epi64(ti8),
                                                             _mm512_set1_epi64(s.dil_h)));
@@ -1101,7 +1109,8 @@ void max_pool2d_channels_last(const scalar_t* in, scalar_t* out, void* idx_ptr,
   const Region<scalar_t> reg(in, s.batch * s.in_h * W * C);
   const int64_t taps_max = s.kernel_h * s.kernel_w;
   const size_t isz = M == PoolIndices::kCompact ? 1 : (M == PoolIndices::kFull ? 8 : 0);
-  at::parallel_for(0, s.batch * s.out_h, grain_for(s.out_w * s.channels * max_pool2d_taps(s)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(s.out_w * s.channels * max_pool2d_taps(s));
+  at::parallel_for(0, s.batch * s.out_h, grain, [&](int64_t begin, int64_t end) {
     std::vector<const scalar_t*> taps(taps_max);
     std::vector<int32_t> ids(taps_max);
     for (int64_t u = begin; u < end; ++u) {
@@ -1149,7 +1158,8 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
   const Region<index_t> ireg(idx, out_numel);
   const CandTable rows(s.in_h, s.out_h, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
   const CandTable cols(W, s.out_w, s.stride_w, s.pad_w, s.dil_w, s.kernel_w);
-  at::parallel_for(0, s.batch * s.in_h, grain_for(s.in_w * s.channels * 4), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(s.in_w * s.channels * 4);
+  at::parallel_for(0, s.batch * s.in_h, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> offs(s.kernel_h * s.kernel_w);
     std::vector<int32_t> taps(s.kernel_h * s.kernel_w);
     for (int64_t u = begin; u < end; ++u) {
