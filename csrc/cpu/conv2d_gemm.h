@@ -44,6 +44,7 @@ struct Simd<float> {
   static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float reduce(V v) { return _mm512_reduce_add_ps(v); }
   // The empty asm keeps GCC from folding load + zeroing into a (slow) masked load.
   static V load_zero_masked(Mask m, const float* p) {
     V v = _mm512_loadu_ps(p);
@@ -78,6 +79,12 @@ struct Simd<double> {
   static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static double reduce(V v) {  // (GCC 12's _mm512_reduce_add_pd warns spuriously)
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v),
+                                    _mm512_castpd512_pd256(_mm512_shuffle_f64x2(v, v, 0xEE)));
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+  }
   static V load_zero_masked(Mask m, const double* p) {
     V v = _mm512_loadu_pd(p);
     __asm__("" : "+v"(v));
@@ -189,43 +196,14 @@ void pack_a(const T* a, int64_t rs, int64_t cs, int64_t M, int64_t K, T* ap) {
   }
 }
 
-// Packs rows [k0, k0 + kc) of B (element (k, n) at b[k * rs + n * cs]) into NR-column panels:
-// bp[q][k - k0][lane], zero columns past N.
-template <typename T>
-void pack_b(const T* b, int64_t rs, int64_t cs, int64_t k0, int64_t kc, int64_t N, T* bp) {
-  constexpr int NR = nr<T>();
-  for (int64_t q = 0; q * NR < N; ++q) {
-    T* dst = bp + q * kc * NR;
-    const int64_t n0 = q * NR;
-    const int64_t ncols = std::min<int64_t>(NR, N - n0);
-    if (cs == 1) {
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = b + (k0 + k) * rs + n0;
-        T* d = dst + k * NR;
-        std::copy(src, src + ncols, d);
-        std::fill(d + ncols, d + NR, T(0));
-      }
-    } else {  // transposed source: walk each column contiguously, write with stride NR
-      for (int64_t lane = 0; lane < NR; ++lane) {
-        if (lane >= ncols) {
-          for (int64_t k = 0; k < kc; ++k) dst[k * NR + lane] = T(0);
-          continue;
-        }
-        const T* src = b + (n0 + lane) * cs + k0 * rs;
-        for (int64_t k = 0; k < kc; ++k) dst[k * NR + lane] = src[k * rs];
-      }
-    }
-  }
-}
-
 // Columns per block of N: the B block (kKC x kNC elements, 480 KiB in float32 and in float64)
 // stays in L2 while every A panel runs over it.
 template <typename T>
 constexpr int64_t nc() { return 10 * nr<T>(); }
 
 // A block of B handed to the driver: panel q (columns [q * NR, q * NR + NR) of the block)
-// starts at ptr + q * panel_stride and its rows are ld apart. Packed (pack_b):
-// {bp, NR, kc * NR}; a row-major matrix used in place: {&B(k0, n0), row stride, NR}.
+// starts at ptr + q * panel_stride and its rows are ld apart. NR-wide packed panels
+// ([panel][k][NR]): {bp, NR, kc * NR}; a row-major matrix read in place: {&B(k0, n0), ld, NR}.
 template <typename T>
 struct BBlock {
   const T* ptr;
@@ -273,6 +251,93 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int6
           micro_kernel<T>(kc, a, tail_b, tail_ld, cp + full * NR, ldc, mr,
                           static_cast<int>(tail), acc, bias_p);
         }
+      }
+    }
+  }
+}
+
+// ---- C += A @ B^T with A and B both row-major along K (grad_weight) ----------------------
+// dW = grad_output @ cols^T reduces over output positions, which both operands store
+// contiguously; a kernel with vector lanes along K reads them in place (no packing, no
+// transposition) and reduces each accumulator horizontally once at the end of a K block.
+
+// C[m, n] += sum_k A[m, k] * B[n, k] for an MB x NB block, K elements per row.
+// MB x NB = 4 x 6: 24 accumulators + 4 A vectors + 1 B vector in 32 zmm registers; per
+// vector step 10 loads feed 24 FMAs.
+template <typename T, int MB, int NB>
+__attribute__((noinline)) void dot_kernel(int64_t K, const T* __restrict__ a, int64_t lda,
+                                          const T* __restrict__ b, int64_t ldb,
+                                          T* __restrict__ c, int64_t ldc) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V acc[MB][NB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+#pragma GCC unroll 6
+    for (int n = 0; n < NB; ++n) acc[m][n] = S::zero();
+  }
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V av[MB];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) av[m] = S::load(a + m * lda + k);
+#pragma GCC unroll 6
+    for (int n = 0; n < NB; ++n) {
+      V bv = S::load(b + n * ldb + k);
+      // keep bv in a register: GCC would otherwise fold the load into all MB FMAs (MB loads)
+      __asm__("" : "+v"(bv));
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[m][n] = S::fma(av[m], bv, acc[m][n]);
+    }
+  }
+  if (k < K) {
+    const typename S::Mask mk = lane_mask<T>(0, K - k);
+    V av[MB];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) av[m] = S::load(a + m * lda + k, mk);
+#pragma GCC unroll 6
+    for (int n = 0; n < NB; ++n) {
+      const V bv = S::load(b + n * ldb + k, mk);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[m][n] = S::fma(av[m], bv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int n = 0; n < NB; ++n) c[m * ldc + n] += S::reduce(acc[m][n]);
+  }
+}
+
+template <typename T, int MB>
+void dot_kernel_rows(int nb, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                     int64_t ldc) {
+  switch (nb) {
+    case 1: return dot_kernel<T, MB, 1>(K, a, lda, b, ldb, c, ldc);
+    case 2: return dot_kernel<T, MB, 2>(K, a, lda, b, ldb, c, ldc);
+    case 3: return dot_kernel<T, MB, 3>(K, a, lda, b, ldb, c, ldc);
+    case 4: return dot_kernel<T, MB, 4>(K, a, lda, b, ldb, c, ldc);
+    case 5: return dot_kernel<T, MB, 5>(K, a, lda, b, ldb, c, ldc);
+    default: return dot_kernel<T, MB, 6>(K, a, lda, b, ldb, c, ldc);
+  }
+}
+
+// C[M, N] (ldc) += A[M, K] (rows lda apart) @ B[N, K]^T (rows ldb apart). Blocks of 6 B rows
+// (outer, kept in L1) by 4 A rows (inner); the caller keeps K near 512 so a block of B rows
+// and all of A's rows stay in L1 / L2.
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+             T* c, int64_t ldc) {
+  for (int64_t n = 0; n < N; n += 6) {
+    const int nb = static_cast<int>(std::min<int64_t>(6, N - n));
+    for (int64_t m = 0; m < M; m += 4) {
+      const T* am = a + m * lda;
+      const T* bn = b + n * ldb;
+      T* cm = c + m * ldc + n;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: dot_kernel_rows<T, 1>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+        case 2: dot_kernel_rows<T, 2>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+        case 3: dot_kernel_rows<T, 3>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+        default: dot_kernel_rows<T, 4>(nb, K, am, lda, bn, ldb, cm, ldc); break;
       }
     }
   }

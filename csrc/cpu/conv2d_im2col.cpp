@@ -37,7 +37,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "cpu/conv2d.h"
@@ -53,7 +52,7 @@ namespace {
 constexpr int64_t kTileBytes = 4 << 20;
 constexpr int64_t kColumnCapBytes = 32 << 20;
 // Own-GEMM path: images are batched into one tile until it has about this many columns.
-constexpr int64_t kTileCols = 512;
+constexpr int64_t kTileCols = 1024;
 // Own-GEMM grad_input: rows of the column block (channels x kH x kW) one GEMM call produces.
 constexpr int64_t kColBlockRows = 256;
 
@@ -141,10 +140,8 @@ Tiles plan_gemm_tiles(int64_t batch, int64_t extent, int64_t plane) {
   Tiles t;
   t.extent = extent;
   t.rows = extent;
-  const char* env = std::getenv("FASTCONV_TILE_COLS");  // TUNING ONLY, remove
-  const int64_t tile_cols = env ? std::atoll(env) : kTileCols;
-  if (batch > 1 && 2 * plane <= tile_cols) {
-    t.nb = std::max<int64_t>(1, std::min({batch, tile_cols / plane, div_up(batch, threads)}));
+  if (batch > 1 && 2 * plane <= kTileCols) {
+    t.nb = std::max<int64_t>(1, std::min({batch, kTileCols / plane, div_up(batch, threads)}));
   }
   return balance(t, batch, threads);
 }
@@ -674,65 +671,6 @@ void im2col_block(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int6
   }
 }
 
-// grad_weight B operand, implicit cols^T: rows [k0, k0 + kc) are tile columns (output
-// positions), columns [n0, n0 + ncols) are k = (c, i, j). For one output position a panel
-// row holds NR different taps, so it is one masked gather per vector: lane offsets
-// c * H * W + i * dH * W + j * dW from the position's window corner, masked to the taps
-// inside the input. Needs the offsets to fit int32 (checked by the caller).
-template <typename T>
-void pack_im2col_t(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64_t k0,
-                   int64_t kc, int64_t n0, int64_t ncols, T* bp, const Conv2dShape& s) {
-  using S = gemm::Simd<T>;
-  constexpr int64_t L = S::kLanes;
-  constexpr int64_t NR = gemm::nr<T>();
-  constexpr int64_t NV = NR / L;
-  const int64_t H = s.in_h, W = s.in_w, OW = s.out_w, HW = H * W;
-  const int64_t KK = s.kernel_h * s.kernel_w;
-  const int64_t per_image = (oy1 - oy0) * OW;
-  alignas(64) int32_t off[NR], di[NR], dj[NR];
-  for (int64_t q = 0; q * NR < ncols; ++q) {
-    for (int64_t l = 0; l < NR; ++l) {
-      const int64_t col = q * NR + l;
-      if (col < ncols) {
-        const int64_t k = n0 + col;
-        const int64_t c = k / KK, i = (k / s.kernel_w) % s.kernel_h, j = k % s.kernel_w;
-        off[l] = static_cast<int32_t>(c * HW + i * s.dil_h * W + j * s.dil_w);
-        di[l] = static_cast<int32_t>(i * s.dil_h);
-        dj[l] = static_cast<int32_t>(j * s.dil_w);
-      } else {  // padding lane: always out of range
-        off[l] = 0;
-        di[l] = -(1 << 30);
-        dj[l] = 0;
-      }
-    }
-    typename S::Idx offv[NV], div[NV], djv[NV];
-    for (int64_t v = 0; v < NV; ++v) {
-      offv[v] = S::idx_load(off + v * L);
-      div[v] = S::idx_load(di + v * L);
-      djv[v] = S::idx_load(dj + v * L);
-    }
-    T* dst = bp + q * kc * NR;
-    int64_t image = k0 / per_image, rem = k0 % per_image;
-    int64_t oy = oy0 + rem / OW, ox = rem % OW;
-    for (int64_t t = 0; t < kc; ++t) {
-      const int64_t iy0 = oy * s.stride_h - s.pad_h, ix0 = ox * s.stride_w - s.pad_w;
-      const T* base = x + (image * img_stride + iy0 * W + ix0);
-      for (int64_t v = 0; v < NV; ++v) {
-        const auto m = S::idx_in_range(S::idx_add(div[v], static_cast<int32_t>(iy0)), H) &
-                       S::idx_in_range(S::idx_add(djv[v], static_cast<int32_t>(ix0)), W);
-        S::store(dst + t * NR + v * L, S::gather(m, offv[v], base));
-      }
-      if (++ox == OW) {
-        ox = 0;
-        if (++oy == oy1) {
-          oy = oy0;
-          ++image;
-        }
-      }
-    }
-  }
-}
-
 // Every group's A operand packed once per call, shared read-only by the threads.
 // transpose=false: A_g = W_g [Og, Kg]; true: A_g = W_g^T [Kg, Og].
 template <typename T>
@@ -893,9 +831,13 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
 template <typename T>
 void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Conv2dShape& s) {
+  // K (output positions) per dot-product block (long, so the horizontal sums at its end are
+  // rare), and im2col rows per block: kKT x kRows elements (256 KiB in float32), kept in L2.
+  constexpr int64_t kKT = 1024, kRows = 64;
   const int64_t N = s.batch, C = s.in_channels, O = s.out_channels, G = s.groups;
   const int64_t Og = O / G, Cg = C / G, Kg = Cg * s.kernel_h * s.kernel_w;
   const int64_t L = s.out_h * s.out_w, OW = s.out_w, HW = s.in_h * s.in_w;
+  const bool pointwise = is_pointwise(s);
   const Tiles t = plan_gemm_tiles(N, s.out_h, L);
   const T* go = grad_output.const_data_ptr<T>();
   const T* x = input.const_data_ptr<T>();
@@ -907,11 +849,11 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
   at::Tensor partial = at::zeros({parts, O, Kg}, grad_output.options());
 
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
-    at::Tensor ap_buf = scratch<T>(gemm::packed_a_size(Og, max_cols), grad_output);
-    at::Tensor bp_buf = scratch<T>(gemm::packed_b_size<T>(gemm::nc<T>()), grad_output);
+    const bool in_place = pointwise && t.nb == 1;  // the input rows are the columns
+    at::Tensor cols_buf = scratch<T>(in_place ? 0 : kRows * kKT, grad_output);
     at::Tensor packed_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, grad_output);
-    T* ap = ap_buf.mutable_data_ptr<T>();
-    T* bp = bp_buf.mutable_data_ptr<T>();
+    T* cols = cols_buf.mutable_data_ptr<T>();
+    Im2colScratch im2col_scratch;
     for (int64_t p = pbegin; p < pend; ++p) {
       T* acc = partial[p].mutable_data_ptr<T>();
       const int64_t tbegin = p * t.count() / parts, tend = (p + 1) * t.count() / parts;
@@ -920,7 +862,7 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
         const int64_t nb = std::min(t.nb, N - n0);
         const int64_t oy0 = (tile % t.row_blocks) * t.rows;
         const int64_t oy1 = std::min(s.out_h, oy0 + t.rows);
-        const int64_t cols = nb * (oy1 - oy0) * OW;
+        const int64_t ncols = nb * (oy1 - oy0) * OW;
         const T* gsrc;
         int64_t ldg;
         if (t.nb == 1) {
@@ -930,17 +872,30 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
           T* packed = packed_buf.mutable_data_ptr<T>();
           pack_images(go + n0 * O * L, nb, O, L, packed);
           gsrc = packed;
-          ldg = cols;
+          ldg = ncols;
         }
         for (int64_t g = 0; g < G; ++g) {
-          gemm::pack_a(gsrc + g * Og * ldg, ldg, int64_t{1}, Og, cols, ap);
           const T* xg = x + (n0 * C + g * Cg) * HW;
-          auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t nc) -> gemm::BBlock<T> {
-            pack_im2col_t(xg, C * HW, oy0, oy1, k0, kc, c0, nc, bp, s);
-            return {bp, gemm::nr<T>(), kc * gemm::nr<T>()};
-          };
-          gemm::gemm<T>(Og, Kg, cols, ap, get_b, acc + g * Og * Kg, Kg, true,
-                        static_cast<const T*>(nullptr));
+          const T* gg = gsrc + g * Og * ldg;
+          T* accg = acc + g * Og * Kg;
+          for (int64_t t0 = 0; t0 < ncols; t0 += kKT) {
+            const int64_t kt = std::min(kKT, ncols - t0);
+            for (int64_t r0 = 0; r0 < Kg; r0 += kRows) {
+              const int64_t rows = std::min(kRows, Kg - r0);
+              const T* b;
+              int64_t ldb;
+              if (in_place) {
+                b = xg + r0 * HW + oy0 * OW + t0;
+                ldb = HW;
+              } else {
+                im2col_block(xg, C * HW, oy0, oy1, r0, rows, t0, kt, cols, kKT, s,
+                             im2col_scratch, x, x + N * C * HW);
+                b = cols;
+                ldb = kKT;
+              }
+              gemm::gemm_nt<T>(Og, rows, kt, gg + t0, ldg, b, ldb, accg + r0, Kg);
+            }
+          }
         }
       }
     }
@@ -1005,9 +960,7 @@ void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Conv2dShape& s) {
   const auto st = grad_output.scalar_type();
-  // pack_im2col_t gathers with int32 offsets within one image's channel group
-  const bool offsets_fit = (s.in_channels / s.groups + 1) * s.in_h * s.in_w < (int64_t{1} << 31);
-  if (use_own_gemm(st) && offsets_fit) {
+  if (use_own_gemm(st)) {
     FASTCONV_DISPATCH_OWN_GEMM(
         st, [&] { grad_weight_gemm<scalar_t>(grad_output, input, grad_weight, s); })
     return;
