@@ -52,7 +52,7 @@ namespace {
 constexpr int64_t kTileBytes = 4 << 20;
 constexpr int64_t kColumnCapBytes = 32 << 20;
 // Own-GEMM path: images are batched into one tile until it has about this many columns.
-constexpr int64_t kTileCols = 512;
+constexpr int64_t kTileCols = 1024;
 // Own-GEMM grad_input: rows of the column block (channels x kH x kW) one GEMM call produces.
 constexpr int64_t kColBlockRows = 256;
 
@@ -477,40 +477,61 @@ void grad_weight_mm(const at::Tensor& grad_output, const at::Tensor& input,
 
 #ifdef FASTCONV_HAVE_AVX512_GEMM
 
-// One run of consecutive tile columns that lie in one output row and one B panel: for every
-// packed row k it is filled from one input row (or zeros). `dst` is its offset in row k = k0
-// of the packed block; image < 0 marks the zero padding after the last column.
-struct Segment {
-  int64_t dst, image, oy, ox, len;
+// A run of consecutive tile columns inside one output row: columns [col, col + len) of the
+// block are output positions (oy, ox .. ox + len) of image `image`.
+struct Run {
+  int64_t col, image, oy, ox, len;
 };
 
-// Forward B operand, implicit im2col: rows [k0, k0 + kc) (k = (c, i, j) within the group) and
-// columns [n0, n0 + ncols) of the tile's column matrix, packed as gemm::pack_b lays it out.
-// x: first image of the tile, first channel of the group; images are img_stride apart.
-// The column -> (image, oy, ox) walk is done once into `segs`; every row k then copies each
-// segment with masked vector loads / stores (stride 1) that also write the padding zeros.
+// Input rows [first, last] of one image that a block reads from every channel plane.
+struct Band {
+  int64_t image, first, last;
+};
+
+struct Im2colScratch {
+  std::vector<Run> runs;
+  std::vector<Band> bands;
+  std::vector<const Run*> vrun;
+  std::vector<int64_t> vfirst, vcol, rowoff, coloff;
+  std::vector<uint16_t> lmask16, smask16;  // float masks (16 lanes)
+  std::vector<uint8_t> lmask8, smask8;     // double masks (8 lanes)
+  template <typename T>
+  auto& lmask() {
+    if constexpr (sizeof(T) == 4) return lmask16; else return lmask8;
+  }
+  template <typename T>
+  auto& smask() {
+    if constexpr (sizeof(T) == 4) return smask16; else return smask8;
+  }
+};
+
+// Forward B operand: rows [k0, k0 + kc) (k = (c, i, j) within the group) and tile columns
+// [n0, n0 + ncols) of the column matrix, written row-major to dst (row stride ld), which the
+// GEMM then reads in place. x: first image of the tile, first channel of the group; images
+// are img_stride apart. The column -> (image, oy, ox) walk is done once per block into runs;
+// each row k then copies every run from one input row with vector loads / masked stores,
+// zeroing the padding lanes in registers (stride 1), or a strided loop (stride > 1).
+// [x_begin, x_end): the whole input tensor, which whole-vector loads must not leave.
 template <typename T>
-void pack_im2col(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64_t k0,
-                 int64_t kc, int64_t n0, int64_t ncols, T* bp, const Conv2dShape& s,
-                 std::vector<Segment>& segs) {
+void im2col_block(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64_t k0,
+                  int64_t kc, int64_t n0, int64_t ncols, T* dst, int64_t ld,
+                  const Conv2dShape& s, Im2colScratch& scratch, const T* x_begin,
+                  const T* x_end) {
+  std::vector<Run>& runs = scratch.runs;
+  std::vector<Band>& bands = scratch.bands;
   using S = gemm::Simd<T>;
   constexpr int64_t L = S::kLanes;
-  constexpr int64_t NR = gemm::nr<T>();
   const int64_t H = s.in_h, W = s.in_w, OW = s.out_w, HW = H * W;
+  const int64_t kw = s.kernel_w, sw = s.stride_w;
   const int64_t per_image = (oy1 - oy0) * OW;
-  segs.clear();
+  runs.clear();
   {
     int64_t image = n0 / per_image, rem = n0 % per_image;
-    int64_t oy = oy0 + rem / OW, ox = rem % OW, q = 0, lane = 0;
-    for (int64_t done = 0; done < ncols;) {
-      const int64_t len = std::min({OW - ox, ncols - done, NR - lane});
-      segs.push_back({q * kc * NR + lane, image, oy, ox, len});
-      done += len;
-      lane += len;
-      if (lane == NR) {
-        lane = 0;
-        ++q;
-      }
+    int64_t oy = oy0 + rem / OW, ox = rem % OW;
+    for (int64_t col = 0; col < ncols;) {
+      const int64_t len = std::min(OW - ox, ncols - col);
+      runs.push_back({col, image, oy, ox, len});
+      col += len;
       ox += len;
       if (ox == OW) {
         ox = 0;
@@ -520,104 +541,131 @@ void pack_im2col(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64
         }
       }
     }
-    if (lane != 0) segs.push_back({q * kc * NR + lane, -1, 0, 0, NR - lane});
   }
-  int64_t c = k0 / (s.kernel_h * s.kernel_w), i = (k0 / s.kernel_w) % s.kernel_h,
-          j = k0 % s.kernel_w;
-  for (int64_t k = k0; k < k0 + kc; ++k) {
-    const int64_t xoff = j * s.dil_w - s.pad_w;
-    const TapRange xr = tap_range(xoff, s.stride_w, W, OW);
-    T* dst = bp + (k - k0) * NR;
-    const T* plane = x + c * HW;
-    for (const Segment& sg : segs) {
-      T* d = dst + sg.dst;
-      const int64_t iy = sg.oy * s.stride_h - s.pad_h + i * s.dil_h;
-      if (sg.image < 0 || iy < 0 || iy >= H) {
-        for (int64_t v = 0; v < sg.len; v += L) {
-          S::store(d + v, S::zero(), gemm::lane_mask<T>(0, sg.len - v));
+  // The block reads a band of input rows from each channel plane it visits, more concurrent
+  // streams than the hardware prefetcher follows: prefetch the band of the channel
+  // `ahead` channels on (about 8 rows k ahead) when a channel starts. One band per image.
+  bands.clear();
+  for (const Run& r : runs) {
+    const int64_t lo = std::max<int64_t>(r.oy * s.stride_h - s.pad_h, 0);
+    const int64_t hi = std::min<int64_t>(r.oy * s.stride_h - s.pad_h + (s.kernel_h - 1) * s.dil_h,
+                                         H - 1);
+    if (lo > hi) continue;
+    if (!bands.empty() && bands.back().image == r.image) {
+      bands.back().first = std::min(bands.back().first, lo);
+      bands.back().last = std::max(bands.back().last, hi);
+    } else {
+      bands.push_back({r.image, lo, hi});
+    }
+  }
+  const int64_t KK = s.kernel_h * kw;
+  const int64_t ahead = std::max<int64_t>(1, 8 / KK);
+  const int64_t channels = s.in_channels / s.groups;
+  if (sw != 1) {
+    int64_t c = k0 / KK, i = (k0 / kw) % s.kernel_h, j = k0 % kw;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t xoff = j * s.dil_w - s.pad_w;
+      const TapRange xr = tap_range(xoff, sw, W, OW);
+      for (const Run& r : runs) {
+        T* o = dst + k * ld + r.col;
+        const int64_t iy = r.oy * s.stride_h + i * s.dil_h - s.pad_h;
+        if (iy < 0 || iy >= H) {
+          std::fill(o, o + r.len, T(0));
+          continue;
         }
-        continue;
+        const T* row = x + c * HW + r.image * img_stride + iy * W;
+        for (int64_t l = 0; l < r.len; ++l) {
+          const int64_t ox = r.ox + l;
+          o[l] = (ox >= xr.lo && ox < xr.hi) ? row[ox * sw + xoff] : T(0);
+        }
       }
-      const T* row = plane + sg.image * img_stride + iy * W;
-      if (s.stride_w == 1) {
-        // lane l reads row[ox + l + xoff]; valid while ox + l is in [xr.lo, xr.hi)
-        const T* src = row + sg.ox + xoff;
-        const int64_t vlo = xr.lo - sg.ox, vhi = std::min(xr.hi - sg.ox, sg.len);
-        for (int64_t v = 0; v < sg.len; v += L) {
-          const auto ld = gemm::lane_mask<T>(vlo - v, vhi - v);
-          S::store(d + v, S::load(src + v, ld), gemm::lane_mask<T>(0, sg.len - v));
-        }
-      } else {
-        for (int64_t l = 0; l < sg.len; ++l) {
-          const int64_t ox = sg.ox + l;
-          d[l] = (ox >= xr.lo && ox < xr.hi) ? row[ox * s.stride_w + xoff] : T(0);
+      if (++j == kw) {
+        j = 0;
+        if (++i == s.kernel_h) {
+          i = 0;
+          ++c;
         }
       }
     }
-    if (++j == s.kernel_w) {
+    return;
+  }
+  // Stride 1: split the runs into vectors of at most L lanes and tabulate, per vector, its
+  // row offset for every kernel row i (-1: padding row) and its column offset and load mask
+  // for every kernel column j, so each row k is a flat loop of load / mask / store.
+  std::vector<int64_t>& vcol = scratch.vcol;
+  std::vector<int64_t>& rowoff = scratch.rowoff;
+  std::vector<int64_t>& coloff = scratch.coloff;
+  std::vector<typename S::Mask>& lmask = scratch.lmask<T>();
+  std::vector<typename S::Mask>& smask = scratch.smask<T>();
+  vcol.clear();
+  smask.clear();
+  std::vector<const Run*>& vrun = scratch.vrun;
+  std::vector<int64_t>& vfirst = scratch.vfirst;
+  vrun.clear();
+  vfirst.clear();
+  for (const Run& r : runs) {
+    for (int64_t v = 0; v < r.len; v += L) {
+      vcol.push_back(r.col + v);
+      smask.push_back(gemm::lane_mask<T>(0, r.len - v));
+      vrun.push_back(&r);
+      vfirst.push_back(v);
+    }
+  }
+  const int64_t nv = static_cast<int64_t>(vcol.size());
+  rowoff.resize(s.kernel_h * nv);
+  coloff.resize(kw * nv);
+  lmask.resize(kw * nv);
+  for (int64_t i = 0; i < s.kernel_h; ++i) {
+    for (int64_t v = 0; v < nv; ++v) {
+      const Run& r = *vrun[v];
+      const int64_t iy = r.oy * s.stride_h + i * s.dil_h - s.pad_h;
+      rowoff[i * nv + v] = (iy < 0 || iy >= H) ? -1 : r.image * img_stride + iy * W;
+    }
+  }
+  for (int64_t j = 0; j < kw; ++j) {
+    const int64_t xoff = j * s.dil_w - s.pad_w;
+    const TapRange xr = tap_range(xoff, 1, W, OW);
+    for (int64_t v = 0; v < nv; ++v) {
+      const Run& r = *vrun[v];
+      const int64_t ox = r.ox + vfirst[v];
+      const int64_t len = std::min<int64_t>(L, r.len - vfirst[v]);
+      coloff[j * nv + v] = ox + xoff;
+      lmask[j * nv + v] = gemm::lane_mask<T>(xr.lo - ox, std::min(xr.hi - ox, len));
+    }
+  }
+  int64_t c = k0 / KK, i = (k0 / kw) % s.kernel_h, j = k0 % kw;
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* plane = x + c * HW;
+    T* d = dst + k * ld;
+    if (i == 0 && j == 0 && c + ahead < channels) {
+      for (const Band& b : bands) {
+        const char* p = reinterpret_cast<const char*>(x + (c + ahead) * HW +
+                                                      b.image * img_stride + b.first * W);
+        const char* e = p + (b.last - b.first + 1) * W * int64_t(sizeof(T));
+        for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+      }
+    }
+    const int64_t* ro = rowoff.data() + i * nv;
+    const int64_t* co = coloff.data() + j * nv;
+    const typename S::Mask* lm = lmask.data() + j * nv;
+    for (int64_t v = 0; v < nv; ++v) {
+      T* o = d + vcol[v];
+      typename S::V val = S::zero();
+      if (ro[v] >= 0) {
+        // Masked loads are slow on this CPU: load the whole vector where it stays inside the
+        // tensor (lanes past the row are neighbouring data) and zero the lanes outside the
+        // input in registers; only a vector at the tensor's very ends uses a masked load.
+        const T* p = plane + ro[v] + co[v];
+        val = (p >= x_begin && p + L <= x_end) ? S::load_zero_masked(lm[v], p)
+                                               : S::load(p, lm[v]);
+      }
+      S::store(o, val, smask[v]);
+    }
+    if (++j == kw) {
       j = 0;
       if (++i == s.kernel_h) {
         i = 0;
         ++c;
-      }
-    }
-  }
-}
-
-// grad_weight B operand, implicit cols^T: rows [k0, k0 + kc) are tile columns (output
-// positions), columns [n0, n0 + ncols) are k = (c, i, j). For one output position a panel
-// row holds NR different taps, so it is one masked gather per vector: lane offsets
-// c * H * W + i * dH * W + j * dW from the position's window corner, masked to the taps
-// inside the input. Needs the offsets to fit int32 (checked by the caller).
-template <typename T>
-void pack_im2col_t(const T* x, int64_t img_stride, int64_t oy0, int64_t oy1, int64_t k0,
-                   int64_t kc, int64_t n0, int64_t ncols, T* bp, const Conv2dShape& s) {
-  using S = gemm::Simd<T>;
-  constexpr int64_t L = S::kLanes;
-  constexpr int64_t NR = gemm::nr<T>();
-  constexpr int64_t NV = NR / L;
-  const int64_t H = s.in_h, W = s.in_w, OW = s.out_w, HW = H * W;
-  const int64_t KK = s.kernel_h * s.kernel_w;
-  const int64_t per_image = (oy1 - oy0) * OW;
-  alignas(64) int32_t off[NR], di[NR], dj[NR];
-  for (int64_t q = 0; q * NR < ncols; ++q) {
-    for (int64_t l = 0; l < NR; ++l) {
-      const int64_t col = q * NR + l;
-      if (col < ncols) {
-        const int64_t k = n0 + col;
-        const int64_t c = k / KK, i = (k / s.kernel_w) % s.kernel_h, j = k % s.kernel_w;
-        off[l] = static_cast<int32_t>(c * HW + i * s.dil_h * W + j * s.dil_w);
-        di[l] = static_cast<int32_t>(i * s.dil_h);
-        dj[l] = static_cast<int32_t>(j * s.dil_w);
-      } else {  // padding lane: always out of range
-        off[l] = 0;
-        di[l] = -(1 << 30);
-        dj[l] = 0;
-      }
-    }
-    typename S::Idx offv[NV], div[NV], djv[NV];
-    for (int64_t v = 0; v < NV; ++v) {
-      offv[v] = S::idx_load(off + v * L);
-      div[v] = S::idx_load(di + v * L);
-      djv[v] = S::idx_load(dj + v * L);
-    }
-    T* dst = bp + q * kc * NR;
-    int64_t image = k0 / per_image, rem = k0 % per_image;
-    int64_t oy = oy0 + rem / OW, ox = rem % OW;
-    for (int64_t t = 0; t < kc; ++t) {
-      const int64_t iy0 = oy * s.stride_h - s.pad_h, ix0 = ox * s.stride_w - s.pad_w;
-      const T* base = x + (image * img_stride + iy0 * W + ix0);
-      for (int64_t v = 0; v < NV; ++v) {
-        const auto m = S::idx_in_range(S::idx_add(div[v], static_cast<int32_t>(iy0)), H) &
-                       S::idx_in_range(S::idx_add(djv[v], static_cast<int32_t>(ix0)), W);
-        S::store(dst + t * NR + v * L, S::gather(m, offv[v], base));
-      }
-      if (++ox == OW) {
-        ox = 0;
-        if (++oy == oy1) {
-          oy = oy0;
-          ++image;
-        }
       }
     }
   }
@@ -648,9 +696,11 @@ at::Tensor pack_weight(const at::Tensor& weight, const Conv2dShape& s, bool tran
 template <typename T>
 void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& out, const Conv2dShape& s) {
+  constexpr int64_t L16 = 16;  // im2col block rows start 64-byte aligned
   const int64_t N = s.batch, C = s.in_channels, O = s.out_channels, G = s.groups;
   const int64_t Og = O / G, Cg = C / G, Kg = Cg * s.kernel_h * s.kernel_w;
   const int64_t L = s.out_h * s.out_w, OW = s.out_w, HW = s.in_h * s.in_w;
+  const bool pointwise = is_pointwise(s);
   const Tiles t = plan_gemm_tiles(N, s.out_h, L);
   const at::Tensor packed_w = pack_weight<T>(weight, s, false);
   const int64_t a_size = gemm::packed_a_size(Og, Kg);
@@ -658,28 +708,33 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
   const T* x = input.const_data_ptr<T>();
   T* y = out.mutable_data_ptr<T>();
   const T* bptr = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  const int64_t block_ld = div_up(gemm::nc<T>(), L16) * L16;
 
   at::parallel_for(0, t.count(), parallel_grain(O * Kg * t.nb * t.rows * OW),
                    [&](int64_t begin, int64_t end) {
-    at::Tensor bp_buf = scratch<T>(gemm::packed_b_size<T>(gemm::nc<T>()), out);
+    // a 1x1 / stride 1 / unpadded convolution of whole images reads the input in place
+    const bool in_place = pointwise && t.nb == 1;
+    at::Tensor cols_buf = scratch<T>(in_place ? 0 : gemm::kKC * block_ld, out);
     at::Tensor tmp_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, out);
-    std::vector<Segment> segs;
-    T* bp = bp_buf.mutable_data_ptr<T>();
+    T* cols = cols_buf.mutable_data_ptr<T>();
     T* tmp = tmp_buf.mutable_data_ptr<T>();
+    Im2colScratch runs;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = (tile / t.row_blocks) * t.nb;
       const int64_t nb = std::min(t.nb, N - n0);
       const int64_t oy0 = (tile % t.row_blocks) * t.rows;
       const int64_t oy1 = std::min(s.out_h, oy0 + t.rows);
-      const int64_t cols = nb * (oy1 - oy0) * OW;
+      const int64_t ncols = nb * (oy1 - oy0) * OW;
       for (int64_t g = 0; g < G; ++g) {
         const T* xg = x + (n0 * C + g * Cg) * HW;
-        auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t nc) -> const T* {
-          pack_im2col(xg, C * HW, oy0, oy1, k0, kc, c0, nc, bp, s, segs);
-          return bp;
+        auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t nc) -> gemm::BBlock<T> {
+          if (in_place) return {xg + k0 * HW + oy0 * OW + c0, HW, gemm::nr<T>()};
+          im2col_block(xg, C * HW, oy0, oy1, k0, kc, c0, nc, cols, block_ld, s, runs, x,
+                       x + N * C * HW);
+          return {cols, block_ld, gemm::nr<T>()};
         };
-        T* dst = t.nb == 1 ? y + (n0 * O + g * Og) * L + oy0 * OW : tmp + g * Og * cols;
-        gemm::gemm<T>(Og, cols, Kg, ap + g * a_size, get_b, dst, t.nb == 1 ? L : cols, false,
+        T* dst = t.nb == 1 ? y + (n0 * O + g * Og) * L + oy0 * OW : tmp + g * Og * ncols;
+        gemm::gemm<T>(Og, ncols, Kg, ap + g * a_size, get_b, dst, t.nb == 1 ? L : ncols, false,
                       bptr != nullptr ? bptr + g * Og : nullptr);
       }
       if (t.nb > 1) unpack_images(tmp, nb, O, L, static_cast<const T*>(nullptr), y + n0 * O * L);
@@ -705,7 +760,6 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
   const int64_t max_out_rows =
       t.nb > 1 ? s.out_h : std::min(s.out_h, div_up(t.rows, s.stride_h) + halo + 1);
   const int64_t max_cols = t.nb * max_out_rows * OW;
-  const int64_t max_cols_pad = div_up(max_cols, NR) * NR;
   // Channels per column block: a multiple of 8, so every block starts on an A panel (MR = 8).
   const int64_t block_channels =
       std::min(Cg, std::max<int64_t>(8, kColBlockRows / KK / 8 * 8));
@@ -713,13 +767,10 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
 
   at::parallel_for(0, t.count(), parallel_grain(O * Kg * max_cols),
                    [&](int64_t begin, int64_t end) {
-    // grad_output tile packed once per group for all column blocks
-    at::Tensor bp_buf = scratch<T>(div_up(Og, gemm::kKC) * gemm::kKC * max_cols_pad, grad_input);
     const bool direct_write = pointwise && t.nb == 1;
     at::Tensor cols_buf =
         scratch<T>(direct_write ? 0 : block_channels * KK * max_cols, grad_input);
     at::Tensor packed_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, grad_input);
-    T* bp = bp_buf.mutable_data_ptr<T>();
     T* cols = cols_buf.mutable_data_ptr<T>();
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = (tile / t.row_blocks) * t.nb;
@@ -748,14 +799,10 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
         }
         continue;
       }
-      const int64_t ncols_pad = div_up(ncols, NR) * NR;
       for (int64_t g = 0; g < G; ++g) {
-        for (int64_t k0 = 0; k0 < Og; k0 += gemm::kKC) {
-          gemm::pack_b(gsrc + g * Og * ldg, ldg, int64_t{1}, k0, std::min(gemm::kKC, Og - k0),
-                       ncols, bp + (k0 / gemm::kKC) * gemm::kKC * ncols_pad);
-        }
-        auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t) -> const T* {
-          return bp + (k0 / gemm::kKC) * gemm::kKC * ncols_pad + (c0 / NR) * kc * NR;
+        const T* gg = gsrc + g * Og * ldg;  // B = grad_output rows, read in place
+        auto get_b = [&](int64_t k0, int64_t, int64_t c0, int64_t) -> gemm::BBlock<T> {
+          return {gg + k0 * ldg + c0, ldg, NR};
         };
         const T* ag = ap + g * a_size;
         if (direct_write) {  // input rows == output rows: the GEMM writes grad_input directly
@@ -784,9 +831,13 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
 template <typename T>
 void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Conv2dShape& s) {
+  // K (output positions) per dot-product block (long, so the horizontal sums at its end are
+  // rare), and im2col rows per block: kKT x kRows elements (256 KiB in float32), kept in L2.
+  constexpr int64_t kKT = 1024, kRows = 64;
   const int64_t N = s.batch, C = s.in_channels, O = s.out_channels, G = s.groups;
   const int64_t Og = O / G, Cg = C / G, Kg = Cg * s.kernel_h * s.kernel_w;
   const int64_t L = s.out_h * s.out_w, OW = s.out_w, HW = s.in_h * s.in_w;
+  const bool pointwise = is_pointwise(s);
   const Tiles t = plan_gemm_tiles(N, s.out_h, L);
   const T* go = grad_output.const_data_ptr<T>();
   const T* x = input.const_data_ptr<T>();
@@ -798,11 +849,11 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
   at::Tensor partial = at::zeros({parts, O, Kg}, grad_output.options());
 
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
-    at::Tensor ap_buf = scratch<T>(gemm::packed_a_size(Og, max_cols), grad_output);
-    at::Tensor bp_buf = scratch<T>(gemm::packed_b_size<T>(gemm::nc<T>()), grad_output);
+    const bool in_place = pointwise && t.nb == 1;  // the input rows are the columns
+    at::Tensor cols_buf = scratch<T>(in_place ? 0 : kRows * kKT, grad_output);
     at::Tensor packed_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, grad_output);
-    T* ap = ap_buf.mutable_data_ptr<T>();
-    T* bp = bp_buf.mutable_data_ptr<T>();
+    T* cols = cols_buf.mutable_data_ptr<T>();
+    Im2colScratch im2col_scratch;
     for (int64_t p = pbegin; p < pend; ++p) {
       T* acc = partial[p].mutable_data_ptr<T>();
       const int64_t tbegin = p * t.count() / parts, tend = (p + 1) * t.count() / parts;
@@ -811,7 +862,7 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
         const int64_t nb = std::min(t.nb, N - n0);
         const int64_t oy0 = (tile % t.row_blocks) * t.rows;
         const int64_t oy1 = std::min(s.out_h, oy0 + t.rows);
-        const int64_t cols = nb * (oy1 - oy0) * OW;
+        const int64_t ncols = nb * (oy1 - oy0) * OW;
         const T* gsrc;
         int64_t ldg;
         if (t.nb == 1) {
@@ -821,17 +872,30 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
           T* packed = packed_buf.mutable_data_ptr<T>();
           pack_images(go + n0 * O * L, nb, O, L, packed);
           gsrc = packed;
-          ldg = cols;
+          ldg = ncols;
         }
         for (int64_t g = 0; g < G; ++g) {
-          gemm::pack_a(gsrc + g * Og * ldg, ldg, int64_t{1}, Og, cols, ap);
           const T* xg = x + (n0 * C + g * Cg) * HW;
-          auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t nc) -> const T* {
-            pack_im2col_t(xg, C * HW, oy0, oy1, k0, kc, c0, nc, bp, s);
-            return bp;
-          };
-          gemm::gemm<T>(Og, Kg, cols, ap, get_b, acc + g * Og * Kg, Kg, true,
-                        static_cast<const T*>(nullptr));
+          const T* gg = gsrc + g * Og * ldg;
+          T* accg = acc + g * Og * Kg;
+          for (int64_t t0 = 0; t0 < ncols; t0 += kKT) {
+            const int64_t kt = std::min(kKT, ncols - t0);
+            for (int64_t r0 = 0; r0 < Kg; r0 += kRows) {
+              const int64_t rows = std::min(kRows, Kg - r0);
+              const T* b;
+              int64_t ldb;
+              if (in_place) {
+                b = xg + r0 * HW + oy0 * OW + t0;
+                ldb = HW;
+              } else {
+                im2col_block(xg, C * HW, oy0, oy1, r0, rows, t0, kt, cols, kKT, s,
+                             im2col_scratch, x, x + N * C * HW);
+                b = cols;
+                ldb = kKT;
+              }
+              gemm::gemm_nt<T>(Og, rows, kt, gg + t0, ldg, b, ldb, accg + r0, Kg);
+            }
+          }
         }
       }
     }
@@ -896,9 +960,7 @@ void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Conv2dShape& s) {
   const auto st = grad_output.scalar_type();
-  // pack_im2col_t gathers with int32 offsets within one image's channel group
-  const bool offsets_fit = (s.in_channels / s.groups + 1) * s.in_h * s.in_w < (int64_t{1} << 31);
-  if (use_own_gemm(st) && offsets_fit) {
+  if (use_own_gemm(st)) {
     FASTCONV_DISPATCH_OWN_GEMM(
         st, [&] { grad_weight_gemm<scalar_t>(grad_output, input, grad_weight, s); })
     return;
