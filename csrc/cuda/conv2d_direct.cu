@@ -798,8 +798,9 @@ void direct_grad_weight(const at::Tensor& go, const at::Tensor& x, at::Tensor& g
 
   at::Tensor partial;
   if (pl.splits > 1) {
-    partial = at::empty({pl.splits * s.out_channels * kg},
-                        go.options().dtype(at::toOpMathType(go.scalar_type())));
+    // at::opmath_type of the dtype: double for double, float otherwise
+    const at::ScalarType acc_type = go.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    partial = at::empty({pl.splits * s.out_channels * kg}, go.options().dtype(acc_type));
   }
   const bool use32 = fits_int32(
       {go.numel(), x.numel(), pl.positions + kGwThreads, partial.defined() ? partial.numel() : 0,
