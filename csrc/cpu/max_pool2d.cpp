@@ -794,6 +794,7 @@ inline void store_max(c10::BFloat16* p, __m512 v, __mmask16 k) {
 }
 
 inline void store_sum(float* p, __m512 v, __mmask16 k) { store(p, v, k); }
+
 inline void store_sum(c10::BFloat16* p, __m512 v, __mmask16 k) {
   // round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float), lane by lane
   const __m512i u = _mm512_castps_si512(v);
@@ -803,6 +804,17 @@ inline void store_sum(c10::BFloat16* p, __m512 v, __mmask16 k) {
   b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   store(p, _mm512_cvtepi32_epi16(b), k);
 }
+
+// grad_input is written once and not read back by the kernel: whole aligned vectors bypass the
+// cache (no read-for-ownership of the destination line). Callers end with _mm_sfence().
+inline void stream_sum(float* p, __m512 v, __mmask16 k) {
+  if (k == 0xFFFF && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_ps(p, v);
+  } else {
+    store(p, v, k);
+  }
+}
+inline void stream_sum(c10::BFloat16* p, __m512 v, __mmask16 k) { store_sum(p, v, k); }
 
 // Horizontal pass over one input row: (max, winning column tap) of every output column's
 // window, 16 columns per step. Blocks whose windows all lie inside the row start from tap 0;
@@ -1046,17 +1058,18 @@ void max_pool2d_backward_nchw(const scalar_t* g, const index_t* idx, scalar_t* g
         for (int64_t q0 = 0; q0 < qn; q0 += 16) {
           const __m512 v0 = _mm512_loadu_ps(a0 + q0);
           if constexpr (SW == 1) {
-            store_sum(out_row + q0, v0, head_mask(W - q0));
+            stream_sum(out_row + q0, v0, head_mask(W - q0));
           } else {
             const __m512 v1 = _mm512_loadu_ps(a1 + q0);
             const int64_t w0 = 2 * q0;
-            store_sum(out_row + w0, _mm512_permutex2var_ps(v0, lo_idx, v1), head_mask(W - w0));
-            store_sum(out_row + w0 + 16, _mm512_permutex2var_ps(v0, hi_idx, v1),
-                      head_mask(W - w0 - 16));
+            stream_sum(out_row + w0, _mm512_permutex2var_ps(v0, lo_idx, v1), head_mask(W - w0));
+            stream_sum(out_row + w0 + 16, _mm512_permutex2var_ps(v0, hi_idx, v1),
+                       head_mask(W - w0 - 16));
           }
         }
       }
     }
+    _mm_sfence();
   });
 }
 
@@ -1146,12 +1159,44 @@ void max_pool2d_channels_last(const scalar_t* in, scalar_t* out, void* idx_ptr,
 }
 
 // Backward channels_last: same mapping as max_pool2d_backward_channels_last; per input pixel
-// the windows containing it are listed once (grad_output / index offset and the tap number,
-// in increasing (oh, ow)), then each 16-channel block sums the hits in a register.
+// the windows containing it are listed once (grad_output / index offset and the tap number or
+// position, in increasing (oh, ow)), then NB * 16 channels at a time sum the hits in registers.
+// WHOLE: all NB * 16 channels exist (no masks, no bounds checks).
+template <int NB, bool WHOLE, typename scalar_t, typename index_t>
+inline void cl_gather(const Region<scalar_t>& greg, const Region<index_t>& ireg,
+                      const scalar_t* g, const index_t* idx, const int64_t* offs,
+                      const int32_t* taps, int n, int64_t target, int64_t c0, int64_t C,
+                      scalar_t* y) {
+  constexpr bool kFull = std::is_same<index_t, int64_t>::value;
+  __m512 a[NB];
+  __mmask16 k[NB];
+#pragma GCC unroll 4
+  for (int v = 0; v < NB; ++v) {
+    a[v] = _mm512_setzero_ps();
+    k[v] = WHOLE ? __mmask16(0xFFFF) : head_mask(C - c0 - 16 * v);
+  }
+  for (int e = 0; e < n; ++e) {
+    const index_t* ip = idx + offs[e] + c0;
+    const scalar_t* gp = g + offs[e] + c0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NB; ++v) {
+      __mmask16 hit;
+      if constexpr (kFull) {
+        hit = index_hits<0, WHOLE>(ireg, ip + 16 * v, k[v], target);
+      } else {
+        hit = index_hits<WHOLE>(ireg, ip + 16 * v, k[v], taps[e]);
+      }
+      const __m512 gv = WHOLE ? loadu(gp + 16 * v) : load(greg, gp + 16 * v, hit);
+      a[v] = _mm512_mask_add_ps(a[v], hit, a[v], gv);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NB; ++v) stream_sum(y + c0 + 16 * v, a[v], k[v]);
+}
+
 template <typename scalar_t, typename index_t>
 void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, scalar_t* gi,
                                        const Pool2dShape& s) {
-  constexpr bool kFull = std::is_same<index_t, int64_t>::value;
   const int64_t C = s.channels, W = s.in_w;
   const int64_t out_numel = s.batch * s.out_h * s.out_w * C;
   const Region<scalar_t> greg(g, out_numel);
@@ -1179,22 +1224,19 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
         }
         const int64_t target = h * W + w;
         scalar_t* y = gi + (u * W + w) * C;
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          const __mmask16 k = head_mask(C - c0);
-          __m512 a = _mm512_setzero_ps();
-          for (int e = 0; e < n; ++e) {
-            __mmask16 hit;
-            if constexpr (kFull) {
-              hit = index_hits<0, false>(ireg, idx + offs[e] + c0, k, target);
-            } else {
-              hit = index_hits<false>(ireg, idx + offs[e] + c0, k, taps[e]);
-            }
-            a = _mm512_mask_add_ps(a, hit, a, load(greg, g + offs[e] + c0, hit));
-          }
-          store_sum(y + c0, a, k);
+        int64_t c0 = 0;
+        for (; c0 + 64 <= C; c0 += 64) {
+          cl_gather<4, true>(greg, ireg, g, idx, offs.data(), taps.data(), n, target, c0, C, y);
+        }
+        for (; c0 + 16 <= C; c0 += 16) {
+          cl_gather<1, true>(greg, ireg, g, idx, offs.data(), taps.data(), n, target, c0, C, y);
+        }
+        if (c0 < C) {
+          cl_gather<1, false>(greg, ireg, g, idx, offs.data(), taps.data(), n, target, c0, C, y);
         }
       }
     }
+    _mm_sfence();
   });
 }
 
