@@ -44,7 +44,7 @@ constexpr int kRows = 4;                // output rows per thread in the NCHW ti
 constexpr int kNhwcRw = 4;              // outputs per thread along W in the channels_last kernel
 // Output columns per tile in the channels_last grad_weight: 8, or 4 for k = 7, whose 49 partial
 // sums plus 8 x (8 + 6) staged values per tile row would not fit 128 registers.
-constexpr int gw_tile_w(int k) { return k >= 7 ? 4 : 8; }
+C10_HOST_DEVICE constexpr int gw_tile_w(int k) { return k >= 7 ? 4 : 8; }
 constexpr int64_t kSmemBudget = 48 * 1024;  // no opt-in needed below this
 constexpr int64_t kGwTargetBlocks = 1024;   // grad_weight work units (fixed: shape-only slicing)
 constexpr int64_t kSmall = int64_t(1) << 24;
