@@ -795,6 +795,7 @@ def _bench_case(case, direction, s, yard, log):
         "ceil_mode": case.ceil_mode,
         "flops": case.flops(direction), "bytes": case.bytes(direction, itemsize),
     }
+    t0 = time.perf_counter()
     sets = [_InputSet(case, s, channels_last, direction, seed=0)]
     n_sets = _rotation_count(sets[0].nbytes(), s)
     rec["input_sets"] = n_sets
@@ -830,6 +831,7 @@ def _bench_case(case, direction, s, yard, log):
             fr.update(status="ERROR", error=_first_line(e))
         frecs.append((fr, fn))
     del ref
+    t_check = time.perf_counter() - t0
 
     sets += [_InputSet(case, s, channels_last, direction, seed=i) for i in range(1, n_sets)]
     if trec["status"] == "OK":
@@ -860,6 +862,7 @@ def _bench_case(case, direction, s, yard, log):
             log(f"    {fr['impl']:<10} {fr['status']}: {fr['error']}")
     rec["torch"] = trec
     rec["fastconv"] = [fr for fr, _ in frecs]
+    rec["wall_s"] = {"check": t_check, "timing": time.perf_counter() - t0 - t_check}
     del sets
     if s["device"].type == "cuda":
         torch.cuda.empty_cache()
