@@ -306,6 +306,30 @@ def test_cli_dispatch():
     assert "tiny.conv3x3" in r.stdout
 
 
+def test_pytest_benchmark_suite(tmp_path):
+    """benchmarks/ collects bench_<op>.py from the directory, checks and times torch and
+    fastconv side by side in one group per op, shape and direction, and writes
+    pytest-benchmark's JSON."""
+    pytest.importorskip("pytest_benchmark")
+    js = tmp_path / "pb.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
+         "--fastconv-suite", "tiny", "--fastconv-device", "cpu", "--fastconv-threads", "1",
+         "-k", "max_pool2d", "--benchmark-min-time", "0.001", "--benchmark-max-time", "0.01",
+         f"--benchmark-json={js}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(js.read_text())
+    pools = [c for c in _cases.suite("tiny") if c.op == "max_pool2d"]
+    assert len(data["benchmarks"]) == len(pools) * 2 * 2  # (torch, fastconv) x directions
+    groups = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], set()).add(b["extra_info"]["side"])
+        assert b["extra_info"]["op"] == "max_pool2d"
+    assert len(groups) == len(pools) * 2
+    assert all(sides == {"torch", "fastconv"} for sides in groups.values())
+
+
 # --------------------------------------------------------------------------------------------
 # the cases
 # --------------------------------------------------------------------------------------------
