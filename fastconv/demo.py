@@ -46,16 +46,22 @@ DEFAULT_EPOCHS = 8
 
 # What "the same up to floating-point rounding" means here, per dtype.
 #
-# The verdict is a lockstep check: at the start and after every epoch the torch.nn run's
-# current weights are loaded into a torch.nn copy and a fastconv copy, and both do one
-# forward and backward on the same batch with the same dropout mask. Only the kernels'
-# summation order differs, so in float32 the loss agrees to ~1e-7 and every parameter's
-# gradient to ~1e-5 of its largest entry (measured: torch's own float32 gradients are as far
-# from a float64 computation); a wrong gradient or pooling index gives 1e-2 or more.
-# Limits: |loss difference|, and max over parameters of max |gradient difference| /
-# max(max |gradient of that parameter|, 1e-2 * max |any gradient|) -- the floor keeps
-# parameters whose gradient is ~0 (a bias right before BatchNorm) from dividing by noise.
+# The verdict is a same-weights check: at the start and after every epoch the torch.nn run's
+# current weights are loaded into three scratch copies -- torch.nn layers, fastconv layers,
+# and torch.nn layers in float64 (the ground truth) -- and each does one forward and backward
+# on the same batch (BatchNorm in training mode as in training, dropout off so that no random
+# mask differs). fastconv's loss and gradients must match the float64 ones to rounding:
+# |loss error| and, over parameters, max |gradient error| / max(max |float64 gradient of that
+# parameter|, 1e-2 * max |any float64 gradient|) -- the floor keeps parameters whose gradient
+# is ~0 (a bias right before BatchNorm) from dividing by noise. How large float32 rounding
+# makes these errors depends on the state: ~1e-6 for SimpleCNN, but ~1e-3 for VGG at its
+# initial weights, where BatchNorm's backward subtracts nearly equal numbers -- for torch.nn's
+# own float32 gradients just as for fastconv's. So fastconv passes when its errors are within
+# LOCKSTEP_TOLERANCE or within TORCH_ERROR_FACTOR times torch.nn's errors on the same check;
+# a wrong gradient or pooling index gives 1e-2 or more where torch.nn's error is ~1e-6.
+# The torch.nn-vs-fastconv difference is reported too.
 LOCKSTEP_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.float64: (1e-10, 1e-8)}
+TORCH_ERROR_FACTOR = 10
 #
 # The two independent runs (torch.nn from start to end, fastconv from start to end) start
 # equally close, but SGD amplifies any difference, rounding included: in float32 SimpleCNN's
@@ -350,37 +356,57 @@ def _fmt_pct(v):
     return f"{100 * v:5.1f}%"
 
 
-class Lockstep:
-    """One forward + backward of the torch.nn run's current weights through torch.nn layers
-    and through fastconv's, on the same batch with the same dropout mask (scratch copies of
-    both models, so neither training run is touched)."""
+def _check_passes(c, tol_loss, tol_grad):
+    """fastconv's errors against float64 are rounding-sized: within the tolerance, or within
+    TORCH_ERROR_FACTOR times torch.nn's own errors on the same weights and batch."""
+    return (c["fastconv_loss_err"] <= max(tol_loss, TORCH_ERROR_FACTOR * c["torch_loss_err"])
+            and c["fastconv_rel_grad_err"] <= max(tol_grad,
+                                                  TORCH_ERROR_FACTOR * c["torch_rel_grad_err"]))
 
-    def __init__(self, reference, converted, x, y, seed):
-        self.models = (copy.deepcopy(reference), copy.deepcopy(converted))
-        self.x, self.y, self.seed = x, y, seed
-        self.device = x.device
+
+class Lockstep:
+    """The same-weights check (see LOCKSTEP_TOLERANCE): the torch.nn run's current weights,
+    one batch, through torch.nn layers, fastconv layers and torch.nn layers in float64.
+    Scratch copies, so neither training run is touched."""
+
+    def __init__(self, reference, converted, x, y):
+        self.models = (copy.deepcopy(reference), copy.deepcopy(converted),
+                       copy.deepcopy(reference).double())
+        for m in self.models:
+            m.train()
+            for d in m.modules():  # random masks would differ between the dtypes
+                if isinstance(d, nn.modules.dropout._DropoutNd):
+                    d.eval()
+        self.x, self.y = x, y
+
+    @staticmethod
+    def _errors(loss, grads, loss_ref, grads_ref):
+        pairs = [(a, b) for a, b in zip(grads, grads_ref) if a is not None and b is not None]
+        top = max((b.abs().max().item() for _, b in pairs), default=0.0)
+        floor = 1e-2 * top if top > 0 else 1.0
+        rel = max(((a.double() - b).abs().max().item() / max(b.abs().max().item(), floor)
+                   for a, b in pairs), default=0.0)
+        return abs(loss - loss_ref), rel
 
     def __call__(self, weights):
         state = weights.state_dict()
         losses, grads = [], []
-        devices = [self.device] if self.device.type == "cuda" else []
         for m in self.models:
-            m.load_state_dict(state)
-            m.train()
+            m.load_state_dict(state)  # copies (and casts) into the scratch parameters
             m.zero_grad(set_to_none=True)
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                loss = F.cross_entropy(m(self.x), self.y)
-                loss.backward()
+            x = self.x.double() if m is self.models[2] else self.x
+            loss = F.cross_entropy(m(x), self.y)
+            loss.backward()
             losses.append(loss.item())
             grads.append([p.grad for p in m.parameters()])
-        pairs = [(a, b) for a, b in zip(*grads) if a is not None and b is not None]
-        top = max((a.abs().max().item() for a, _ in pairs), default=0.0)
-        floor = 1e-2 * top if top > 0 else 1.0
-        rel = max(((a - b).abs().max().item() / max(a.abs().max().item(), floor)
-                   for a, b in pairs), default=0.0)
-        return {"loss_torch": losses[0], "loss_fastconv": losses[1],
-                "abs_loss_diff": abs(losses[0] - losses[1]), "rel_grad_diff": rel}
+        t_loss, t_grad = self._errors(losses[0], grads[0], losses[2], grads[2])
+        f_loss, f_grad = self._errors(losses[1], grads[1], losses[2], grads[2])
+        d_loss, d_grad = self._errors(losses[1], grads[1], losses[0],
+                                      [g.double() if g is not None else None for g in grads[0]])
+        return {"loss_torch": losses[0], "loss_fastconv": losses[1], "loss_float64": losses[2],
+                "torch_loss_err": t_loss, "torch_rel_grad_err": t_grad,
+                "fastconv_loss_err": f_loss, "fastconv_rel_grad_err": f_grad,
+                "abs_loss_diff": d_loss, "rel_grad_diff": d_grad}
 
 
 def train_pair(name, data, args, device, dtype, out_stream=None):
@@ -405,7 +431,7 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
             Run("fastconv", converted, args, device, nb * args.epochs)]
     n_params = sum(p.numel() for p in reference.parameters())
     lockstep = Lockstep(reference, converted, x_train[:args.batch_size],
-                        y_train[:args.batch_size], args.seed + 2)
+                        y_train[:args.batch_size])
     checks = [dict(lockstep(reference), after_epoch=0)]
     tol_loss, tol_grad = LOCKSTEP_TOLERANCE[dtype]
     dname = str(dtype).replace("torch.", "")
@@ -416,12 +442,16 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
           f"{device.type}, {str(dtype).replace('torch.', '')}, SGD lr {args.lr:g} (cosine) "
           "momentum 0.9, "
           f"batch {args.batch_size}, seed {args.seed}", file=out)
-    header = (f"{'epoch':>7} | {'torch.nn':>8} {'loss':>7} {'train':>6} {'test':>6} | "
-              f"{'fastconv':>8} {'loss':>7} {'train':>6} {'test':>6} | {'|dloss| runs':>12} "
-              f"{'same w':>8} | {'time torch.nn / fastconv':>24}")
-    print("   |dloss| runs: largest per-step loss difference between the two runs this epoch;"
-          " same w: loss difference\n   for the torch.nn run's weights after the epoch through"
-          " both layer kinds (same batch)", file=out)
+    head1 = (f"{'':7} | {'torch.nn':^21} | {'fastconv':^21} | {'two runs':^10} | "
+             f"{'grad error vs fp64':^17} | {'time (s)':^17}")
+    header = (f"{'epoch':>7} | {'loss':>7} {'train':>6} {'test':>6} | {'loss':>7} {'train':>6} "
+              f"{'test':>6} | {'max|dloss|':>10} | {'torch.nn':>8} {'fastconv':>8} | "
+              f"{'torch.nn':>8} {'fastconv':>8}")
+    print("   two runs max|dloss|: largest per-step loss difference between the two trainings "
+          "this epoch.\n   grad error vs fp64: the torch.nn run's weights after the epoch, one "
+          "batch through torch.nn and\n   fastconv layers; largest relative gradient error "
+          "against the same model in float64.", file=out)
+    print(head1, file=out)
     print(header, file=out)
     print("-" * len(header), file=out)
     out.flush()
@@ -447,11 +477,12 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         row["lockstep"] = checks[-1]
         epochs.append(row)
         t, f = row["torch"], row["fastconv"]
-        print(f"{epoch:>3}/{args.epochs:<3} | {'':>8} {t['train_loss']:7.4f} "
-              f"{_fmt_pct(t['train_acc'])} {_fmt_pct(t['test_acc'])} | {'':>8} "
-              f"{f['train_loss']:7.4f} {_fmt_pct(f['train_acc'])} {_fmt_pct(f['test_acc'])} | "
-              f"{step_diff:12.2e} {checks[-1]['abs_loss_diff']:8.1e} | "
-              f"{t['time_s']:9.2f}s / {f['time_s']:7.2f}s", file=out)
+        c = checks[-1]
+        print(f"{epoch:>3}/{args.epochs:<3} | {t['train_loss']:7.4f} {_fmt_pct(t['train_acc'])} "
+              f"{_fmt_pct(t['test_acc'])} | {f['train_loss']:7.4f} {_fmt_pct(f['train_acc'])} "
+              f"{_fmt_pct(f['test_acc'])} | {step_diff:10.2e} | {c['torch_rel_grad_err']:8.1e} "
+              f"{c['fastconv_rel_grad_err']:8.1e} | {t['time_s']:8.2f} {f['time_s']:8.2f}",
+              file=out)
         out.flush()
 
     a, b = runs[0].step_losses, runs[1].step_losses
@@ -459,23 +490,25 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
     first = epochs[0]["max_abs_step_loss_diff"]
     param_diff = max((p - q).abs().max().item() for p, q in
                      zip(reference.parameters(), converted.parameters()))
-    ls_loss = max(c["abs_loss_diff"] for c in checks)
-    ls_grad = max(c["rel_grad_diff"] for c in checks)
-    within = ls_loss <= tol_loss and ls_grad <= tol_grad
+    ls_loss = max(c["fastconv_loss_err"] for c in checks)
+    ls_grad = max(c["fastconv_rel_grad_err"] for c in checks)
+    within = all(_check_passes(c, tol_loss, tol_grad) for c in checks)
     agree = (runs[0].preds == runs[1].preds).float().mean().item()
     ratio = runs[1].time_s / runs[0].time_s if runs[0].time_s > 0 else float("nan")
     final_t, final_f = epochs[-1]["torch"]["test_acc"], epochs[-1]["fastconv"]["test_acc"]
     print(f"   final test accuracy: torch.nn {_fmt_pct(final_t).strip()}, fastconv "
           f"{_fmt_pct(final_f).strip()}; predictions agree on {_fmt_pct(agree).strip()} of the "
           f"test set", file=out)
-    print(f"   same weights, same batch ({len(checks)} checks): max |loss difference| "
-          f"{ls_loss:.1e}, max relative gradient difference {ls_grad:.1e} (tolerance "
-          f"{tol_loss:g} / {tol_grad:g})", file=out)
+    print(f"   same weights vs float64 ({len(checks)} checks): fastconv loss error "
+          f"{ls_loss:.1e}, gradient error {ls_grad:.1e}; torch.nn "
+          f"{max(c['torch_loss_err'] for c in checks):.1e} / "
+          f"{max(c['torch_rel_grad_err'] for c in checks):.1e} (tolerance: {tol_loss:g} / "
+          f"{tol_grad:g}, or {TORCH_ERROR_FACTOR}x torch.nn's)", file=out)
     print(f"   the two runs: max |loss difference| {first:.1e} in epoch 1, {max_diff:.1e} over "
           f"all {len(a)} steps; final max |weight difference| {param_diff:.1e}", file=out)
     print("   " + ("=> the same up to " if within else "=> OUTSIDE ") + f"{dname} rounding"
           + ("" if within else " (see summary.json)")
-          + ("; the drift between the two runs is that rounding amplified by SGD"
+          + ("; the drift between the two runs is rounding amplified by SGD"
              if within and max_diff > tol_loss else ""), file=out)
     print(f"   training time: torch.nn {runs[0].time_s:.2f}s, fastconv {runs[1].time_s:.2f}s "
           f"(fastconv / torch.nn = {ratio:.2f}x)", file=out)
@@ -490,9 +523,14 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         "max_abs_epoch_loss_diff": max(abs(r["torch"]["train_loss"] - r["fastconv"]["train_loss"])
                                        for r in epochs),
         "lockstep": checks,
-        "lockstep_max_abs_loss_diff": ls_loss,
-        "lockstep_max_rel_grad_diff": ls_grad,
-        "tolerance": {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad},
+        "lockstep_fastconv_max_loss_err": ls_loss,
+        "lockstep_fastconv_max_rel_grad_err": ls_grad,
+        "lockstep_torch_max_loss_err": max(c["torch_loss_err"] for c in checks),
+        "lockstep_torch_max_rel_grad_err": max(c["torch_rel_grad_err"] for c in checks),
+        "lockstep_max_abs_loss_diff": max(c["abs_loss_diff"] for c in checks),
+        "lockstep_max_rel_grad_diff": max(c["rel_grad_diff"] for c in checks),
+        "tolerance": {"lockstep_loss": tol_loss, "lockstep_rel_grad": tol_grad,
+                      "or_times_torch_error": TORCH_ERROR_FACTOR},
         "within_tolerance": within,
         "max_abs_weight_diff": param_diff,
         "prediction_agreement": agree,
@@ -553,17 +591,22 @@ def plot_curves(summary, path):
     x = [(i + 1) / steps_per_epoch for i in range(len(diff))]
     floor = 1e-17  # exact agreement drawn at the bottom of the log axis
     axes[2].semilogy(x, [max(d, floor) for d in diff], color="black", lw=1,
-                     label="the two runs, per step")
+                     label="|loss difference| of the two runs, per step")
     ls = summary["lockstep"]
-    axes[2].semilogy([c["after_epoch"] for c in ls], [max(c["abs_loss_diff"], floor) for c in ls],
-                     "o", color="tab:red", ms=5, label="same weights and batch")
-    axes[2].axhline(summary["tolerance"]["lockstep_loss"], color="tab:red", ls=":",
-                    label=f"same-weights tolerance {summary['tolerance']['lockstep_loss']:g}")
-    axes[2].set(title="|loss(torch.nn) - loss(fastconv)|", xlabel="epoch",
-                ylabel="absolute difference")
+    at = [c["after_epoch"] for c in ls]
+    axes[2].semilogy(at, [max(c["torch_rel_grad_err"], floor) for c in ls], "s",
+                     color="tab:blue", ms=6, alpha=0.7,
+                     label="same weights: torch.nn gradient error vs float64")
+    axes[2].semilogy(at, [max(c["fastconv_rel_grad_err"], floor) for c in ls], "o",
+                     color="tab:red", ms=4, label="same weights: fastconv gradient error")
+    axes[2].axhline(summary["tolerance"]["lockstep_rel_grad"], color="tab:red", ls=":",
+                    label=f"gradient error tolerance {summary['tolerance']['lockstep_rel_grad']:g}"
+                    f" (or {summary['tolerance']['or_times_torch_error']}x torch.nn's)")
+    axes[2].set(title="differences between torch.nn and fastconv", xlabel="epoch",
+                ylabel="difference / relative error")
     axes[2].grid(alpha=0.3, which="both")
-    axes[2].legend(fontsize=8)
-    if any(d == 0 for d in diff) or any(c["abs_loss_diff"] == 0 for c in ls):
+    axes[2].legend(fontsize=7)
+    if any(d == 0 for d in diff):
         axes[2].text(0.01, 0.01, "exactly equal: drawn at 1e-17", fontsize=7, color="gray",
                      transform=axes[2].transAxes)
     fig.suptitle(f"{summary['model']}: torch.nn vs fastconv layers, same initial weights and "
@@ -817,7 +860,8 @@ def run(args) -> int:
         "environment": _environment(device),
         "models": results,
         "max_abs_loss_diff": max(r["max_abs_loss_diff"] for r in results),
-        "lockstep_max_abs_loss_diff": max(r["lockstep_max_abs_loss_diff"] for r in results),
+        "lockstep_fastconv_max_rel_grad_err": max(r["lockstep_fastconv_max_rel_grad_err"]
+                                                  for r in results),
         "tolerance": results[0]["tolerance"],
         "within_tolerance": all(r["within_tolerance"] for r in results),
         "total_time_s": total,
