@@ -140,6 +140,10 @@ def add_arguments(parser):
                              "(quick checks)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="parameter and data dtype (default: float32)")
+    parser.add_argument("--control", action="store_true",
+                        help="also train a third, torch.nn run from the same weights moved by one "
+                             "float32 rounding step (1 ulp): shows how far SGD alone carries a "
+                             "rounding-sized difference (about 50%% more time)")
     parser.add_argument("--no-plots", action="store_true",
                         help="skip the PNG files (summary.json is still written)")
 
@@ -364,6 +368,19 @@ def _check_passes(c, tol_loss, tol_grad):
                                                   TORCH_ERROR_FACTOR * c["torch_rel_grad_err"]))
 
 
+def _one_ulp_away(model, seed):
+    """A copy of `model` with every parameter moved to the next representable number up or
+    down (random direction): the size of difference that a different summation order makes."""
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            up = torch.randint(0, 2, p.shape, generator=g).bool().to(p.device)
+            target = torch.where(up, float("inf"), float("-inf")).to(p.dtype)
+            p.copy_(torch.nextafter(p, target))
+    return model
+
+
 class Lockstep:
     """The same-weights check (see LOCKSTEP_TOLERANCE): the torch.nn run's current weights,
     one batch, through torch.nn layers, fastconv layers and torch.nn layers in float64.
@@ -429,6 +446,9 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
     nb = math.ceil(len(y_train) / args.batch_size)
     runs = [Run("torch.nn", reference, args, device, nb * args.epochs),
             Run("fastconv", converted, args, device, nb * args.epochs)]
+    if getattr(args, "control", False):
+        runs.append(Run("control", _one_ulp_away(reference, args.seed), args, device,
+                        nb * args.epochs))
     n_params = sum(p.numel() for p in reference.parameters())
     lockstep = Lockstep(reference, converted, x_train[:args.batch_size],
                         y_train[:args.batch_size])
@@ -464,7 +484,7 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
             tr_loss, tr_acc, elapsed = run.train_epoch(x_train, y_train, args.batch_size,
                                                        progress)
             te_loss, te_acc, preds = run.evaluate(x_test, y_test)
-            key = "torch" if run is runs[0] else "fastconv"
+            key = ("torch", "fastconv", "control")[runs.index(run)]
             row[key] = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
                         "test_acc": te_acc, "time_s": elapsed}
             run.preds = preds
@@ -473,6 +493,9 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         step_diff = max(abs(a - b) for a, b in zip(runs[0].step_losses[steps],
                                                     runs[1].step_losses[steps]))
         row["max_abs_step_loss_diff"] = step_diff
+        if len(runs) > 2:
+            row["control_max_abs_step_loss_diff"] = max(
+                abs(u - v) for u, v in zip(runs[0].step_losses[steps], runs[2].step_losses[steps]))
         checks.append(dict(lockstep(reference), after_epoch=epoch))
         row["lockstep"] = checks[-1]
         epochs.append(row)
@@ -506,6 +529,11 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
           f"{tol_grad:g}, or {TORCH_ERROR_FACTOR}x torch.nn's)", file=out)
     print(f"   the two runs: max |loss difference| {first:.1e} in epoch 1, {max_diff:.1e} over "
           f"all {len(a)} steps; final max |weight difference| {param_diff:.1e}", file=out)
+    if len(runs) > 2:
+        ctl = [abs(u - v) for u, v in zip(a, runs[2].step_losses)]
+        print(f"   control, torch.nn vs torch.nn from weights 1 ulp apart: max |loss difference| "
+              f"{max(ctl[:nb]):.1e} in epoch 1, {max(ctl):.1e} over all {len(ctl)} steps",
+              file=out)
     print("   " + ("=> the same up to " if within else "=> OUTSIDE ") + f"{dname} rounding"
           + ("" if within else " (see summary.json)")
           + ("; the drift between the two runs is rounding amplified by SGD"
@@ -517,7 +545,8 @@ def train_pair(name, data, args, device, dtype, out_stream=None):
         "parameters": n_params,
         "converted_layers": counts,
         "epochs": epochs,
-        "step_losses": {"torch": a, "fastconv": b},
+        "step_losses": {"torch": a, "fastconv": b,
+                        **({"control": runs[2].step_losses} if len(runs) > 2 else {})},
         "max_abs_loss_diff": max_diff,
         "first_epoch_max_abs_loss_diff": first,
         "max_abs_epoch_loss_diff": max(abs(r["torch"]["train_loss"] - r["fastconv"]["train_loss"])
@@ -592,6 +621,10 @@ def plot_curves(summary, path):
     floor = 1e-17  # exact agreement drawn at the bottom of the log axis
     axes[2].semilogy(x, [max(d, floor) for d in diff], color="black", lw=1,
                      label="|loss difference| of the two runs, per step")
+    if "control" in summary["step_losses"]:
+        ctl = [abs(u - v) for u, v in zip(a, summary["step_losses"]["control"])]
+        axes[2].semilogy(x, [max(d, floor) for d in ctl], color="gray", lw=1, alpha=0.8,
+                         label="control: torch.nn vs torch.nn from weights 1 ulp apart")
     ls = summary["lockstep"]
     at = [c["after_epoch"] for c in ls]
     axes[2].semilogy(at, [max(c["torch_rel_grad_err"], floor) for c in ls], "s",
@@ -853,6 +886,7 @@ def run(args) -> int:
             "lr": args.lr, "momentum": 0.9, "optimizer": "SGD", "lr_schedule": "cosine per step",
             "seed": args.seed,
             "limit": args.limit, "dtype": args.dtype, "device": str(device),
+            "control": bool(args.control),
             "input_size": [1, INPUT_SIZE, INPUT_SIZE], "split_seed": SPLIT_SEED,
             "test_fraction": TEST_FRACTION,
             "train_images": len(data[1]), "test_images": len(data[3]),

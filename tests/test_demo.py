@@ -331,3 +331,29 @@ def test_same_weights_verdict_rule():
     assert not check(2 * tol_loss, 1e-6, 1e-7, 1e-6)
     assert check(1e-7, 5e-3, 1e-7, 1e-3)                    # both limited by BatchNorm rounding
     assert not check(1e-7, (k + 1) * 1e-3, 1e-7, 1e-3)      # ... but not 11x worse than torch
+
+
+def test_control_run_shows_the_drift_of_sgd_alone(tmp_path, capsys):
+    rc, out, err = _run(capsys, "--models", "simplecnn", "--epochs", "1", "--limit", "64",
+                        "--batch-size", "16", "--control", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert "control, torch.nn vs torch.nn from weights 1 ulp apart" in out
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    m = doc["models"][0]
+    assert doc["settings"]["control"] is True
+    ctl = m["step_losses"]["control"]
+    assert len(ctl) == 4  # (the start one ulp away is tested below)
+    assert max(abs(u - v) for u, v in zip(ctl, m["step_losses"]["torch"])) < RUNS_FEW_STEPS_TOL
+    assert "control" in m["epochs"][0] and "control_max_abs_step_loss_diff" in m["epochs"][0]
+    assert (tmp_path / "simplecnn_curves.png").exists()
+
+
+def test_one_ulp_away_moves_every_weight_by_one_rounding_step():
+    model = MODELS["simplecnn"](1, 10)
+    moved = demo._one_ulp_away(model, 0)
+    for p, q in zip(model.parameters(), moved.parameters()):
+        assert torch.all(q != p)
+        rel = ((q - p) / p)[p != 0].abs()
+        assert torch.all((rel > 2.0 ** -25) & (rel <= 2.0 ** -23))
+        # one step: nothing representable lies strictly between p and q
+        assert torch.equal(torch.nextafter(p, q), q)
