@@ -618,7 +618,13 @@ def plot_curves(summary, path):
     diff = [abs(u - v) for u, v in zip(a, b)]
     steps_per_epoch = len(a) / max(1, len(ep))
     x = [(i + 1) / steps_per_epoch for i in range(len(diff))]
-    floor = 1e-17  # exact agreement drawn at the bottom of the log axis
+    # exact agreement (0) is drawn at the bottom of the log axis, a decade below the smallest
+    # non-zero value shown
+    shown = diff + [c[k] for c in summary["lockstep"]
+                    for k in ("torch_rel_grad_err", "fastconv_rel_grad_err")]
+    if "control" in summary["step_losses"]:
+        shown += [abs(u - v) for u, v in zip(a, summary["step_losses"]["control"])]
+    floor = min([v for v in shown if v > 0] or [1e-8]) / 10
     axes[2].semilogy(x, [max(d, floor) for d in diff], color="black", lw=1,
                      label="|loss difference| of the two runs, per step")
     if "control" in summary["step_losses"]:
@@ -639,9 +645,10 @@ def plot_curves(summary, path):
                 ylabel="difference / relative error")
     axes[2].grid(alpha=0.3, which="both")
     axes[2].legend(fontsize=7)
-    if any(d == 0 for d in diff):
-        axes[2].text(0.01, 0.01, "exactly equal: drawn at 1e-17", fontsize=7, color="gray",
-                     transform=axes[2].transAxes)
+    axes[2].set_ylim(bottom=floor / 2)
+    if any(v == 0 for v in shown):
+        axes[2].text(0.01, 0.98, f"exactly equal: drawn at {floor:.0e}", fontsize=7,
+                     color="gray", va="top", transform=axes[2].transAxes)
     fig.suptitle(f"{summary['model']}: torch.nn vs fastconv layers, same initial weights and "
                  f"batches (max |loss difference| between the runs "
                  f"{summary['max_abs_loss_diff']:.1e})")
