@@ -1,0 +1,349 @@
+#pragma once
+// A small single-threaded packed GEMM for the im2col algorithm (float32 / float64, AVX-512):
+//   C[M, N] (row-major, ldc) = (accumulate ? C : bias) + A[M, K] @ B[K, N].
+//
+// Why not at::mm: on the AMD EPYC this project targets, MKL's sgemm takes its AVX2 path and
+// runs at about half the FLOP rate of oneDNN's AVX-512 convolution; and packing B ourselves
+// lets the forward pack straight from the image (implicit im2col: the column matrix is never
+// written out, the GEMM's own B packing is the only copy).
+//
+// Structure (Goto / BLIS, without B packing): A is packed once into MR-row panels ([K][MR]
+// each); B is read in place, row by row, from any row-major [K, N] source (the image itself for
+// a 1x1 convolution, grad_output, an im2col block) or from NR-wide packed panels when the
+// source is transposed. An MR x NR register-blocked micro-kernel walks A panel (outer, stays
+// in L1: KC * MR elements) x B panel (inner, from L2: the B block is KC x NC). It keeps the
+// MR x NR tile of C in 24 zmm registers and per k does NV vector loads of B, MR broadcasts of A
+// and MR * NV FMAs, so it is FMA-bound (2 FMAs / cycle) as long as the B block stays in L2;
+// measured on the target EPYC it runs at ~95% of peak from L2 with strided B rows, which is
+// why B is not packed (packing cost more than it saved).
+
+#if defined(__AVX512F__)
+#define FASTCONV_HAVE_AVX512_GEMM 1
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastconv {
+namespace gemm {
+
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static V load(V src, Mask m, const float* p) { return _mm512_mask_loadu_ps(src, m, p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float reduce(V v) { return _mm512_reduce_add_ps(v); }
+  // The empty asm keeps GCC from folding load + zeroing into a (slow) masked load.
+  static V load_zero_masked(Mask m, const float* p) {
+    V v = _mm512_loadu_ps(p);
+    __asm__("" : "+v"(v));
+    return _mm512_maskz_mov_ps(m, v);
+  }
+  // 32-bit gather indices, one per lane
+  using Idx = __m512i;
+  static Idx idx_load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static Idx idx_add(Idx a, int32_t b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }
+  // lanes where 0 <= a < bound (one unsigned compare)
+  static Mask idx_in_range(Idx a, int32_t bound) {
+    return _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(bound));
+  }
+  static V gather(Mask m, Idx idx, const float* base) { return gather(zero(), m, idx, base); }
+  static V gather(V src, Mask m, Idx idx, const float* base) {
+    return _mm512_mask_i32gather_ps(src, m, idx, base, 4);
+  }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m512d;
+  using Mask = __mmask8;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V set1(double a) { return _mm512_set1_pd(a); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static V load(const double* p, Mask m) { return _mm512_maskz_loadu_pd(m, p); }
+  static V load(V src, Mask m, const double* p) { return _mm512_mask_loadu_pd(src, m, p); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static double reduce(V v) {  // (GCC 12's _mm512_reduce_add_pd warns spuriously)
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v),
+                                    _mm512_castpd512_pd256(_mm512_shuffle_f64x2(v, v, 0xEE)));
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+  }
+  static V load_zero_masked(Mask m, const double* p) {
+    V v = _mm512_loadu_pd(p);
+    __asm__("" : "+v"(v));
+    return _mm512_maskz_mov_pd(m, v);
+  }
+  using Idx = __m256i;
+  static Idx idx_load(const int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static Idx idx_add(Idx a, int32_t b) { return _mm256_add_epi32(a, _mm256_set1_epi32(b)); }
+  static Mask idx_in_range(Idx a, int32_t bound) {
+    return _mm256_cmplt_epu32_mask(a, _mm256_set1_epi32(bound));
+  }
+  static V gather(Mask m, Idx idx, const double* base) { return gather(zero(), m, idx, base); }
+  static V gather(V src, Mask m, Idx idx, const double* base) {
+    return _mm512_mask_i32gather_pd(src, m, idx, base, 8);
+  }
+};
+
+// Lanes [lo, hi) of a vector of L lanes as a mask (clamped to [0, L)).
+template <typename T>
+inline typename Simd<T>::Mask lane_mask(int64_t lo, int64_t hi) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, L);
+  if (hi <= lo) return 0;
+  return static_cast<typename Simd<T>::Mask>(((uint32_t{1} << hi) - 1u) ^ ((uint32_t{1} << lo) - 1u));
+}
+
+// MR rows x NV vectors of C live in registers: 8 x 3 = 24 accumulators + 3 B vectors + 1 A
+// broadcast out of 32 zmm registers.
+constexpr int kMR = 8;
+constexpr int kNV = 3;
+template <typename T>
+constexpr int nr() { return kNV * Simd<T>::kLanes; }
+// Rows of B per packed chunk: the A micro-panel (KC * MR) stays in L1.
+constexpr int64_t kKC = 256;
+
+inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
+template <typename T>
+int64_t packed_b_size(int64_t N) {
+  return (N + nr<T>() - 1) / nr<T>() * nr<T>() * kKC;
+}
+
+// C[0:mr, 0:ncols] (= or +=) A_panel @ B_panel over kc. Row k of the B panel is at b + k * ldb,
+// NR values wide: a packed panel (ldb = NR) or straight rows of a row-major matrix (the image,
+// grad_output, an im2col block). `bias` (per row) seeds a fresh tile.
+// noinline: inlined into a big caller, GCC spills the 24 accumulators inside the k loop.
+template <typename T>
+__attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict__ a,
+                                            const T* __restrict__ b, int64_t ldb,
+                                            T* __restrict__ c, int64_t ldc, int mr, int ncols,
+                                            bool accumulate, const T* bias) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V acc[kMR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) {
+#pragma GCC unroll 3
+    for (int v = 0; v < kNV; ++v) acc[r][v] = S::zero();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    V bv[kNV];
+#pragma GCC unroll 3
+    for (int v = 0; v < kNV; ++v) bv[v] = S::load(b + k * ldb + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const V av = S::set1(a[k * kMR + r]);
+#pragma GCC unroll 3
+      for (int v = 0; v < kNV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < mr; ++r) {
+    T* crow = c + r * ldc;
+    const V seed = (!accumulate && bias != nullptr) ? S::set1(bias[r]) : S::zero();
+#pragma GCC unroll 3
+    for (int v = 0; v < kNV; ++v) {
+      const int valid = ncols - v * L;
+      if (valid <= 0) break;
+      V out = S::add(acc[r][v], seed);
+      if (valid >= L) {
+        if (accumulate) out = S::add(out, S::load(crow + v * L));
+        S::store(crow + v * L, out);
+      } else {
+        const typename S::Mask m = lane_mask<T>(0, valid);
+        if (accumulate) out = S::add(out, S::load(crow + v * L, m));
+        S::store(crow + v * L, out, m);
+      }
+    }
+  }
+}
+
+// Packs A (element (m, k) at a[m * rs + k * cs]) into MR-row panels: ap[p][k][r], zero rows
+// past M.
+template <typename T>
+void pack_a(const T* a, int64_t rs, int64_t cs, int64_t M, int64_t K, T* ap) {
+  for (int64_t p = 0; p * kMR < M; ++p) {
+    T* dst = ap + p * K * kMR;
+    const int64_t mr = std::min<int64_t>(kMR, M - p * kMR);
+    for (int64_t r = 0; r < kMR; ++r) {
+      if (r >= mr) {
+        for (int64_t k = 0; k < K; ++k) dst[k * kMR + r] = T(0);
+        continue;
+      }
+      const T* src = a + (p * kMR + r) * rs;
+      for (int64_t k = 0; k < K; ++k) dst[k * kMR + r] = src[k * cs];
+    }
+  }
+}
+
+// Columns per block of N: the B block (kKC x kNC elements, 480 KiB in float32 and in float64)
+// stays in L2 while every A panel runs over it.
+template <typename T>
+constexpr int64_t nc() { return 10 * nr<T>(); }
+
+// A block of B handed to the driver: panel q (columns [q * NR, q * NR + NR) of the block)
+// starts at ptr + q * panel_stride and its rows are ld apart. NR-wide packed panels
+// ([panel][k][NR]): {bp, NR, kc * NR}; a row-major matrix read in place: {&B(k0, n0), ld, NR}.
+template <typename T>
+struct BBlock {
+  const T* ptr;
+  int64_t ld, panel_stride;
+};
+
+// C = (accumulate ? C : bias) + A @ B, A prepacked by pack_a. B comes from
+// `get_b(k0, kc, n0, ncols)` -> BBlock<T> for rows [k0, k0 + kc) and columns [n0, n0 + ncols)
+// (n0 a multiple of nc<T>()); it may pack on demand, point into B packed ahead, or point
+// straight into a row-major B.
+template <typename T, typename GetB>
+void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int64_t ldc,
+          bool accumulate, const T* bias) {
+  constexpr int NR = nr<T>();
+  // A partial last panel of an in-place B is copied (zero-padded) here once per block, so
+  // the micro-kernel never reads past the end of B and needs no masked variant.
+  alignas(64) T edge[kKC * NR];
+  for (int64_t n0 = 0; n0 < N; n0 += nc<T>()) {
+    const int64_t ncols = std::min(nc<T>(), N - n0);
+    const int64_t full = ncols / NR, tail = ncols % NR;
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+      const BBlock<T> bb = get_b(k0, kc, n0, ncols);
+      const T* tail_b = bb.ptr + full * bb.panel_stride;
+      int64_t tail_ld = bb.ld;
+      if (tail != 0 && bb.ld != NR) {
+        for (int64_t k = 0; k < kc; ++k) {
+          std::copy(tail_b + k * bb.ld, tail_b + k * bb.ld + tail, edge + k * NR);
+          std::fill(edge + k * NR + tail, edge + (k + 1) * NR, T(0));
+        }
+        tail_b = edge;
+        tail_ld = NR;
+      }
+      const bool acc = accumulate || k0 > 0;
+      for (int64_t p = 0; p * kMR < M; ++p) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - p * kMR));
+        const T* a = ap + p * K * kMR + k0 * kMR;
+        const T* bias_p = bias != nullptr ? bias + p * kMR : nullptr;
+        T* cp = c + p * kMR * ldc + n0;
+        for (int64_t q = 0; q < full; ++q) {
+          micro_kernel<T>(kc, a, bb.ptr + q * bb.panel_stride, bb.ld, cp + q * NR, ldc, mr, NR,
+                          acc, bias_p);
+        }
+        if (tail != 0) {
+          micro_kernel<T>(kc, a, tail_b, tail_ld, cp + full * NR, ldc, mr,
+                          static_cast<int>(tail), acc, bias_p);
+        }
+      }
+    }
+  }
+}
+
+// ---- C += A @ B^T with A and B both row-major along K (grad_weight) ----------------------
+// dW = grad_output @ cols^T reduces over output positions, which both operands store
+// contiguously; a kernel with vector lanes along K reads them in place (no packing, no
+// transposition) and reduces each accumulator horizontally once at the end of a K block.
+
+// C[m, n] += sum_k A[m, k] * B[n, k] for an MB x NB block, K elements per row.
+// MB x NB = 4 x 6: 24 accumulators + 4 A vectors + 1 B vector in 32 zmm registers; per
+// vector step 10 loads feed 24 FMAs.
+template <typename T, int MB, int NB>
+__attribute__((noinline)) void dot_kernel(int64_t K, const T* __restrict__ a, int64_t lda,
+                                          const T* __restrict__ b, int64_t ldb,
+                                          T* __restrict__ c, int64_t ldc) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V acc[MB][NB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+#pragma GCC unroll 6
+    for (int n = 0; n < NB; ++n) acc[m][n] = S::zero();
+  }
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V av[MB];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) av[m] = S::load(a + m * lda + k);
+#pragma GCC unroll 6
+    for (int n = 0; n < NB; ++n) {
+      V bv = S::load(b + n * ldb + k);
+      // keep bv in a register: GCC would otherwise fold the load into all MB FMAs (MB loads)
+      __asm__("" : "+v"(bv));
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[m][n] = S::fma(av[m], bv, acc[m][n]);
+    }
+  }
+  if (k < K) {
+    const typename S::Mask mk = lane_mask<T>(0, K - k);
+    V av[MB];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) av[m] = S::load(a + m * lda + k, mk);
+#pragma GCC unroll 6
+    for (int n = 0; n < NB; ++n) {
+      const V bv = S::load(b + n * ldb + k, mk);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[m][n] = S::fma(av[m], bv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int n = 0; n < NB; ++n) c[m * ldc + n] += S::reduce(acc[m][n]);
+  }
+}
+
+template <typename T, int MB>
+void dot_kernel_rows(int nb, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                     int64_t ldc) {
+  switch (nb) {
+    case 1: return dot_kernel<T, MB, 1>(K, a, lda, b, ldb, c, ldc);
+    case 2: return dot_kernel<T, MB, 2>(K, a, lda, b, ldb, c, ldc);
+    case 3: return dot_kernel<T, MB, 3>(K, a, lda, b, ldb, c, ldc);
+    case 4: return dot_kernel<T, MB, 4>(K, a, lda, b, ldb, c, ldc);
+    case 5: return dot_kernel<T, MB, 5>(K, a, lda, b, ldb, c, ldc);
+    default: return dot_kernel<T, MB, 6>(K, a, lda, b, ldb, c, ldc);
+  }
+}
+
+// C[M, N] (ldc) += A[M, K] (rows lda apart) @ B[N, K]^T (rows ldb apart). Blocks of 6 B rows
+// (outer, kept in L1) by 4 A rows (inner); the caller keeps K near 512 so a block of B rows
+// and all of A's rows stay in L1 / L2.
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+             T* c, int64_t ldc) {
+  for (int64_t n = 0; n < N; n += 6) {
+    const int nb = static_cast<int>(std::min<int64_t>(6, N - n));
+    for (int64_t m = 0; m < M; m += 4) {
+      const T* am = a + m * lda;
+      const T* bn = b + n * ldb;
+      T* cm = c + m * ldc + n;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: dot_kernel_rows<T, 1>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+        case 2: dot_kernel_rows<T, 2>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+        case 3: dot_kernel_rows<T, 3>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+        default: dot_kernel_rows<T, 4>(nb, K, am, lda, bn, ldb, cm, ldc); break;
+      }
+    }
+  }
+}
+
+}  // namespace gemm
+}  // namespace fastconv
+
+#endif  // __AVX512F__

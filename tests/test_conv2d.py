@@ -1,0 +1,523 @@
+"""fastconv.conv2d and its two backward ops (algos im2col, direct, auto) against
+torch.nn.functional.conv2d and fastconv.reference.conv2d."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv import reference
+
+from conftest import DEVICES, Snapshot, assert_close, is_channels_last
+
+ops = torch.ops.fastconv
+ALGOS = ["im2col", "direct"]
+ALGOS_AUTO = ["im2col", "direct", "auto"]
+
+# (N, C, H, W, O, kH, kW, stride, padding, dilation, groups, bias); none is depthwise-shaped
+# (groups == C > 1), so "auto" picks im2col or direct here.
+CASES = [
+    (2, 3, 7, 9, 4, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),       # odd sizes, same-size output
+    (1, 4, 8, 8, 6, 3, 2, (1, 1), (0, 1), (1, 1), 2, False),      # non-square kernel, groups 2
+    (3, 8, 9, 7, 8, 3, 3, (2, 2), (1, 1), (1, 1), 4, True),       # stride 2, groups 4
+    (2, 4, 11, 10, 4, 3, 3, (2, 3), (2, 0), (2, 1), 1, True),     # mixed stride / dilation
+    (2, 6, 6, 6, 4, 1, 1, (1, 1), (0, 0), (1, 1), 2, True),       # 1x1 pointwise, grouped
+    (2, 5, 7, 6, 3, 1, 1, (2, 1), (1, 0), (1, 1), 1, False),      # 1x1 with stride and padding
+    (1, 3, 9, 8, 2, 2, 2, (3, 3), (0, 0), (1, 1), 1, True),       # stride > kernel: skipped rows
+    (2, 2, 5, 5, 3, 5, 5, (1, 1), (2, 2), (1, 1), 1, True),       # kernel == input size
+    (1, 3, 6, 7, 5, 3, 3, (1, 2), (3, 2), (2, 3), 1, True),       # padding > kernel half
+    (2, 3, 1, 1, 4, 1, 1, (1, 1), (2, 1), (1, 1), 1, True),       # 1x1 input, big padding
+    (9, 2, 3, 3, 3, 2, 2, (1, 1), (0, 0), (1, 1), 1, True),       # many small images (batched GEMM)
+    (5, 6, 4, 4, 4, 1, 1, (1, 1), (0, 0), (1, 1), 2, True),       # batched 1x1, grouped
+    (1, 2, 12, 5, 2, 4, 1, (1, 1), (1, 0), (3, 1), 1, False),     # tall dilated kernel, batch 1
+]
+
+
+def _ids(case):
+    n, c, h, w, o, kh, kw, s, p, d, g, b = case
+    return f"n{n}c{c}{h}x{w}o{o}k{kh}x{kw}s{s[0]}{s[1]}p{p[0]}{p[1]}d{d[0]}{d[1]}g{g}{'b' if b else ''}"
+
+
+def _make(case, dtype=torch.float64, device="cpu", requires_grad=False):
+    n, c, h, w, o, kh, kw, s, p, d, g, has_bias = case
+    x = torch.randn(n, c, h, w, dtype=dtype, device=device, requires_grad=requires_grad)
+    wt = torch.randn(o, c // g, kh, kw, dtype=dtype, device=device, requires_grad=requires_grad)
+    b = torch.randn(o, dtype=dtype, device=device, requires_grad=requires_grad) if has_bias else None
+    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def _grads(out_fn, tensors, grad_out):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(out_fn(), tensors, grad_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_torch_and_reference_float64(case, algo, device):
+    x, w, b, kw = _make(case, device=device, requires_grad=True)
+    snap = Snapshot(x, w, b)
+    out = fastconv.conv2d(x, w, b, algo=algo, **kw)
+    expected = F.conv2d(x, w, b, **kw)
+    ref = reference.conv2d(x, w, b, **kw)
+    assert out.shape == expected.shape
+    assert_close(out, expected)
+    assert_close(out, ref)
+
+    go = torch.randn_like(expected)
+    got = _grads(lambda: fastconv.conv2d(x, w, b, algo=algo, **kw), (x, w, b), go)
+    exp = _grads(lambda: F.conv2d(x, w, b, **kw), (x, w, b), go)
+    refg = _grads(lambda: reference.conv2d(x, w, b, **kw), (x, w, b), go)
+    for g_, e_, r_ in zip(got, exp, refg):
+        assert g_.shape == e_.shape
+        assert_close(g_, e_)
+        assert_close(g_, r_)
+    snap.check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_backward_ops_directly(algo, device):
+    """The two grad ops called on their own, against torch.nn.grad."""
+    x, w, _, kw = _make(CASES[3], device=device)
+    s, p, d, g = kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+    go = torch.randn_like(F.conv2d(x, w, None, **kw))
+    snap = Snapshot(go, x, w)
+    gi = ops._conv2d_grad_input(go, w, list(x.shape), s, p, d, g, algo)
+    gw = ops._conv2d_grad_weight(go, x, list(w.shape), s, p, d, g, algo)
+    assert_close(gi, torch.nn.grad.conv2d_input(x.shape, w, go, s, p, d, g))
+    assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, go, s, p, d, g))
+    assert gw.is_contiguous()
+    snap.check()
+
+
+DTYPE_CASES = [CASES[0], CASES[2], CASES[4], CASES[10], CASES[12]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=_ids)
+def test_low_precision(case, algo, dtype, device):
+    x, w, b, kw = _make(case, dtype=dtype, device=device, requires_grad=True)
+    out = fastconv.conv2d(x, w, b, algo=algo, **kw)
+    assert out.dtype == dtype
+    # ground truth: float64 on the same (rounded) values
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    exp = F.conv2d(x64, w64, b64, **kw)
+    n, c, h, wd, o, kh, kwid = case[:7]
+    g = kw["groups"]
+    assert_close(out, exp, dtype=dtype, reduction=c // g * kh * kwid)
+
+    go = torch.randn_like(exp)
+    got = _grads(lambda: fastconv.conv2d(x, w, b, algo=algo, **kw), (x, w, b), go.to(dtype))
+    ref = _grads(lambda: F.conv2d(x64, w64, b64, **kw), (x64, w64, b64), go.to(dtype).double())
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert_close(got[0], ref[0], dtype=dtype, reduction=o // g * kh * kwid)
+    assert_close(got[1], ref[1], dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+@pytest.mark.parametrize(
+    "kernel,padding,dilation",
+    [
+        ((3, 3), "same", 1),
+        ((2, 4), "same", 1),      # even kernels: asymmetric padding (extra row / column at the end)
+        ((4, 3), "same", (1, 2)),
+        ((3, 2), "same", (2, 3)),
+        ((3, 3), "valid", 1),
+        ((3, 2), 2, 1),
+        ((3, 2), (1, 2), (2, 1)),
+        ((2, 2), [0, 1], 1),
+    ],
+)
+def test_padding_forms(kernel, padding, dilation, algo, device):
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 4, *kernel, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device)
+    out = fastconv.conv2d(x, w, b, padding=padding, dilation=dilation, algo=algo)
+    exp = F.conv2d(x, w, b, padding=padding, dilation=dilation)
+    assert out.shape == exp.shape
+    assert_close(out, exp)
+    assert_close(out, reference.conv2d(x, w, b, padding=padding, dilation=dilation))
+    go = torch.randn_like(exp)
+    got = torch.autograd.grad(out, (x, w), go)
+    ref = torch.autograd.grad(exp, (x, w), go)
+    for a, e in zip(got, ref):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+def test_batch_zero(algo, device):
+    x = torch.randn(0, 4, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    out = fastconv.conv2d(x, w, b, stride=2, padding=1, groups=2, algo=algo)
+    exp = F.conv2d(x, w, b, stride=2, padding=1, groups=2)
+    assert out.shape == exp.shape == (0, 6, 3, 3)
+    gx, gw, gb = torch.autograd.grad(out.sum() + (w * 0).sum(), (x, w, b), allow_unused=True)
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w))
+    assert gb is None or torch.equal(gb, torch.zeros_like(b))
+    go = torch.empty(0, 6, 3, 3, dtype=torch.float64, device=device)
+    gw2 = ops._conv2d_grad_weight(go, x.detach(), list(w.shape), [2, 2], [1, 1], [1, 1], 2, algo)
+    assert torch.equal(gw2, torch.zeros_like(w)) and gw2.is_contiguous()
+    gx2 = ops._conv2d_grad_input(go, w.detach(), list(x.shape), [2, 2], [1, 1], [1, 1], 2, algo)
+    assert gx2.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+def test_unbatched_input(algo, device):
+    x = torch.randn(3, 8, 7, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(5, 3, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    out = fastconv.conv2d(x, w, None, padding=(1, 0), algo=algo)
+    exp = F.conv2d(x, w, None, padding=(1, 0))
+    assert out.shape == exp.shape and out.dim() == 3
+    assert_close(out, exp)
+    go = torch.randn_like(exp)
+    for a, e in zip(torch.autograd.grad(out, (x, w), go), torch.autograd.grad(exp, (x, w), go)):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+def test_non_contiguous_input(algo, device):
+    base = torch.randn(2, 6, 9, 16, dtype=torch.float64, device=device)
+    x = base[:, ::2, :, ::2]  # strided view of channels and columns
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device).transpose(2, 3)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    x.requires_grad_()
+    w.requires_grad_()
+    snap = Snapshot(base, x, w)
+    out = fastconv.conv2d(x, w, None, padding=1, algo=algo)
+    exp = F.conv2d(x, w, None, padding=1)
+    assert_close(out, exp)
+    go = torch.randn_like(exp).transpose(2, 3).contiguous().transpose(2, 3)  # strided grad
+    for a, e in zip(torch.autograd.grad(out, (x, w), go), torch.autograd.grad(exp, (x, w), go)):
+        assert_close(a, e)
+    snap.check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+@pytest.mark.parametrize("layout", ["input", "weight", "both"])
+def test_channels_last(layout, algo, device):
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=device)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device)
+    b = torch.randn(6, dtype=torch.float64, device=device)
+    if layout in ("input", "both"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout in ("weight", "both"):
+        w = w.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    snap = Snapshot(x, w, b)
+    out = fastconv.conv2d(x, w, b, padding=1, groups=2, algo=algo)
+    exp = F.conv2d(x, w, b, padding=1, groups=2)
+    assert is_channels_last(exp)
+    assert is_channels_last(out) == is_channels_last(exp)
+    assert out.stride() == exp.stride()
+    assert_close(out, exp)
+    go = torch.randn_like(exp)
+    gi = ops._conv2d_grad_input(go, w.detach(), list(x.shape), [1, 1], [1, 1], [1, 1], 2, algo)
+    gw = ops._conv2d_grad_weight(go, x.detach(), list(w.shape), [1, 1], [1, 1], [1, 1], 2, algo)
+    assert is_channels_last(gi)  # conv_memory_format(grad_output, weight)
+    assert gw.is_contiguous()
+    ex, ew = torch.autograd.grad(exp, (x, w), go)
+    assert_close(gi, ex)
+    assert_close(gw, ew)
+    snap.check()
+
+
+@contextlib.contextmanager
+def _num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_thread_counts_split_rows(threads, algo):
+    """Fewer images than threads: im2col splits images into row blocks (grad_input blocks
+    recompute a halo of output rows); the result must not depend on the split."""
+    x = torch.randn(1, 5, 13, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 3, 2, dtype=torch.float64, requires_grad=True)
+    kw = dict(stride=(2, 1), padding=(2, 1), dilation=(2, 1))
+    with _num_threads(threads):
+        out = fastconv.conv2d(x, w, None, algo=algo, **kw)
+        go = torch.randn_like(out)
+        gx, gw = torch.autograd.grad(out, (x, w), go)
+    exp = F.conv2d(x, w, None, **kw)
+    ex, ew = torch.autograd.grad(exp, (x, w), go)
+    assert_close(out, exp)
+    assert_close(gx, ex)
+    assert_close(gw, ew)
+
+
+@pytest.mark.parametrize("case", [
+    (2, 32, 40, 36, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),   # columns > one tile: row blocks
+    (1, 16, 50, 40, 8, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),    # big 1x1: GEMM on the input
+], ids=_ids)
+def test_im2col_tiling_large(case):
+    x, w, b, kw = _make(case, requires_grad=True)
+    out = fastconv.conv2d(x, w, b, algo="im2col", **kw)
+    exp = F.conv2d(x, w, b, **kw)
+    assert_close(out, exp)
+    go = torch.randn_like(exp)
+    got = _grads(lambda: fastconv.conv2d(x, w, b, algo="im2col", **kw), (x, w, b), go)
+    ref = _grads(lambda: F.conv2d(x, w, b, **kw), (x, w, b), go)
+    for a, e in zip(got, ref):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_explicit_algos_on_depthwise_shapes(algo):
+    """im2col / direct handle depthwise shapes themselves (only "auto" reroutes them)."""
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = fastconv.conv2d(x, w, None, padding=1, groups=4, algo=algo)
+    exp = F.conv2d(x, w, None, padding=1, groups=4)
+    assert_close(out, exp)
+    go = torch.randn_like(exp)
+    for a, e in zip(torch.autograd.grad(out, (x, w), go), torch.autograd.grad(exp, (x, w), go)):
+        assert_close(a, e)
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except RuntimeError as e:
+        return "error", str(e).splitlines()[0]
+
+
+def test_auto_routes_depthwise_shapes_to_depthwise_kernels():
+    """algo="auto" on a depthwise shape must call the depthwise kernels: same result (or the
+    same error) as calling the depthwise ops directly, for the forward and both grads."""
+    x = torch.randn(2, 3, 8, 7)
+    w = torch.randn(6, 1, 3, 3)
+    b = torch.randn(6)
+    args = ([2, 1], [1, 1], [1, 2])
+    out_shape = [2, 6, 4, 5]
+    go = torch.randn(out_shape)
+    pairs = [
+        (lambda: ops.conv2d(x, w, b, *args, 3, "auto"),
+         lambda: ops.depthwise_conv2d(x, w, b, *args)),
+        (lambda: ops._conv2d_grad_input(go, w, list(x.shape), *args, 3, "auto"),
+         lambda: ops._depthwise_conv2d_grad_input(go, w, list(x.shape), *args)),
+        (lambda: ops._conv2d_grad_weight(go, x, list(w.shape), *args, 3, "auto"),
+         lambda: ops._depthwise_conv2d_grad_weight(go, x, list(w.shape), *args)),
+    ]
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastconv::depthwise_conv2d", "CPU")
+    for via_conv, via_depthwise in pairs:
+        got = _outcome(via_conv)
+        if not registered:
+            # Before the depthwise CPU kernels are registered, reaching them shows as their
+            # placeholder error, which conv2d's own kernels never raise.
+            assert got[0] == "error" and got[1].startswith("depthwise_conv2d:"), got
+            continue
+        want = _outcome(via_depthwise)
+        assert got[0] == want[0], (got, want)
+        if got[0] == "ok":
+            assert torch.equal(got[1], want[1])
+            assert got[1].stride() == want[1].stride()
+        else:
+            assert got[1] == want[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# gradcheck, opcheck
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+@pytest.mark.parametrize("case", [
+    (2, 4, 5, 6, 4, 3, 2, (2, 1), (1, 1), (1, 2), 2, True),
+    (1, 3, 5, 5, 2, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),
+], ids=_ids)
+def test_gradcheck(case, algo):
+    x, w, b, kw = _make(case, requires_grad=True)
+
+    def fn(x, w, b):
+        return ops.conv2d(x, w, b, list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]),
+                          kw["groups"], algo)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+OPCHECK_ARGS = ([2, 1], [1, 0], [1, 2], 2)
+
+
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_conv2d(algo, requires_grad):
+    x = torch.randn(2, 4, 6, 7, requires_grad=requires_grad)
+    w = torch.randn(6, 2, 3, 2, requires_grad=requires_grad)
+    b = torch.randn(6, requires_grad=requires_grad)
+    torch.library.opcheck(ops.conv2d.default, (x, w, b, *OPCHECK_ARGS, algo))
+    torch.library.opcheck(ops.conv2d.default, (x, w, None, *OPCHECK_ARGS, algo))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_grad_ops(algo, requires_grad):
+    x = torch.randn(2, 4, 6, 7, requires_grad=requires_grad)
+    w = torch.randn(6, 2, 3, 2, requires_grad=requires_grad)
+    go = torch.randn(2, 6, 3, 5, requires_grad=requires_grad)
+    # The grad ops have no derivative of their own (double backward raises a clear error, see
+    # test_double_backward_is_rejected), so with requires_grad the AOT backward test is skipped.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not requires_grad:
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(ops._conv2d_grad_input.default,
+                          (go, w, list(x.shape), *OPCHECK_ARGS, algo), test_utils=utils)
+    torch.library.opcheck(ops._conv2d_grad_weight.default,
+                          (go, x, list(w.shape), *OPCHECK_ARGS, algo), test_utils=utils)
+
+
+# ----------------------------------------------------------------------------------------------
+# error paths (checks.h / _checks.py): through fastconv.conv2d and torch.ops.fastconv directly
+# ----------------------------------------------------------------------------------------------
+
+X = torch.randn(2, 4, 6, 6)
+W = torch.randn(6, 2, 3, 3)
+
+
+def _op(x=X, w=W, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=2,
+        algo="auto"):
+    return ops.conv2d(x, w, b, list(stride), list(padding), list(dilation), groups, algo)
+
+
+def _fn(x=X, w=W, b=None, stride=1, padding=0, dilation=1, groups=2, algo="auto"):
+    return fastconv.conv2d(x, w, b, stride, padding, dilation, groups, algo=algo)
+
+
+ERRORS = [
+    # (kwargs, exception, message) checked through both entry points
+    (dict(w=torch.randn(6, 2, 3)), ValueError, "expected weight to be a 4-D tensor"),
+    (dict(groups=3), ValueError, r"expected input channels \(4\) to be divisible by groups \(3\)"),
+    (dict(w=torch.randn(5, 2, 3, 3)), ValueError, r"out channels weight.size\(0\) \(5\) to be divisible"),
+    (dict(w=torch.randn(6, 3, 3, 3)), ValueError, r"weight.size\(1\) \* groups == input channels"),
+    (dict(groups=0), ValueError, "expected groups to be positive"),
+    (dict(w=W.double()), RuntimeError, "expected weight to have the same dtype as input"),
+    (dict(b=torch.randn(5)), ValueError, "expected bias to be a 1-D tensor of size out_channels"),
+    (dict(b=torch.randn(6, 1)), ValueError, "expected bias to be a 1-D tensor of size out_channels"),
+    (dict(b=torch.randn(6, dtype=torch.float64)), RuntimeError,
+     "expected bias to have the same dtype as input"),
+    (dict(w=torch.randn(6, 2, 7, 3)), ValueError, r"kernel size \(7 x 3\) to be at most the padded"),
+    (dict(w=torch.randn(6, 2, 3, 3), dilation=(3, 1)), ValueError,
+     r"kernel size \(7 x 3\) to be at most the padded"),
+    (dict(padding=(-1, 0)), ValueError, "expected padding to be non-negative"),
+    (dict(stride=(0, 1)), ValueError, "expected stride to be positive"),
+    (dict(stride=(1, -2)), ValueError, "expected stride to be positive"),
+    (dict(dilation=(0, 1)), ValueError, "expected dilation to be positive"),
+    (dict(x=torch.randn(2, 0, 6, 6), w=torch.randn(6, 0, 3, 3)), ValueError,
+     "expected input to have non-zero channels"),
+    (dict(x=X.to(torch.int32), w=W.to(torch.int32)), TypeError,
+     "expected input to have dtype float32, float64 or bfloat16 on cpu"),
+    (dict(x=X.to(torch.int64), w=W.to(torch.int64)), TypeError, "expected input to have dtype"),
+    (dict(x=X.half(), w=W.half()), TypeError,
+     "expected input to have dtype float32, float64 or bfloat16 on cpu, but got .*Half"),
+    (dict(algo="winograd"), ValueError, "expected algo to be one of 'auto', 'im2col', 'direct'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", ERRORS, ids=[e[2][:40] for e in ERRORS])
+@pytest.mark.parametrize("entry", ["functional", "op"])
+def test_errors(kwargs, exc, match, entry):
+    kwargs = dict(kwargs)
+    if entry == "functional":
+        for key in ("stride", "padding", "dilation"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        with pytest.raises(exc, match=match):
+            _fn(**kwargs)
+    else:
+        with pytest.raises(exc, match=match):
+            _op(**kwargs)
+
+
+def test_errors_input_rank():
+    with pytest.raises(ValueError, match="expected input to be a 3-D .* or 4-D"):
+        fastconv.conv2d(torch.randn(4, 6), W, groups=2)
+    with pytest.raises(ValueError, match="expected input to be a 3-D .* or 4-D"):
+        fastconv.conv2d(torch.randn(1, 2, 4, 6, 6), W, groups=2)
+    with pytest.raises(ValueError, match=r"expected input to be a 4-D tensor \(N, C, H, W\)"):
+        _op(x=torch.randn(4, 6, 6))
+    with pytest.raises(ValueError, match=r"expected input to be a 4-D tensor \(N, C, H, W\)"):
+        _op(x=torch.randn(1, 2, 4, 6, 6))
+
+
+def test_errors_padding_and_pairs():
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        fastconv.conv2d(X, W, groups=2, stride=2, padding="same")
+    with pytest.raises(ValueError, match="expected padding to be an int, a tuple of 2 ints, 'same'"):
+        fastconv.conv2d(X, W, groups=2, padding="full")
+    with pytest.raises(ValueError, match="expected stride to have 2 elements"):
+        fastconv.conv2d(X, W, groups=2, stride=(1, 1, 1))
+    with pytest.raises(ValueError, match="expected stride to have 2 elements"):
+        ops.conv2d(X, W, None, [1, 1, 1], [0, 0], [1, 1], 2, "auto")
+    with pytest.raises(TypeError, match="expected groups to be an int"):
+        fastconv.conv2d(X, W, groups=2.0)
+    with pytest.raises(ValueError, match="expected algo to be one of"):
+        fastconv.conv2d(X, W, groups=2, algo="fft")
+
+
+def test_errors_device_mismatch():
+    # Only reachable on CPU through the fake kernel (a meta weight); the C++ check has the
+    # same wording and is exercised by the CUDA suite.
+    with pytest.raises(RuntimeError, match="expected weight to be on the same device as input"):
+        _op(w=W.to("meta"))
+
+
+GRAD_ARGS = ([1, 1], [0, 0], [1, 1], 2)
+
+
+@pytest.mark.parametrize("algo", ALGOS_AUTO)
+def test_grad_op_errors(algo):
+    go = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match=r"_conv2d_grad_input: expected grad_output of shape \[2, 6, 4, 4\]"):
+        ops._conv2d_grad_input(go[:, :, :3], W, list(X.shape), *GRAD_ARGS, algo)
+    with pytest.raises(ValueError, match=r"_conv2d_grad_weight: expected grad_output of shape"):
+        ops._conv2d_grad_weight(go[:1], X, list(W.shape), *GRAD_ARGS, algo)
+    with pytest.raises(TypeError, match="_conv2d_grad_input: expected grad_output to have dtype"):
+        ops._conv2d_grad_input(go.int(), W.int(), list(X.shape), *GRAD_ARGS, algo)
+    with pytest.raises(RuntimeError, match="expected weight to have the same dtype as grad_output"):
+        ops._conv2d_grad_input(go, W.double(), list(X.shape), *GRAD_ARGS, algo)
+    with pytest.raises(RuntimeError, match="expected input to have the same dtype as grad_output"):
+        ops._conv2d_grad_weight(go, X.double(), list(W.shape), *GRAD_ARGS, algo)
+    with pytest.raises(ValueError, match=r"weight.size\(1\) \* groups == input channels"):
+        ops._conv2d_grad_weight(go, X, [6, 3, 3, 3], *GRAD_ARGS, algo)
+    with pytest.raises(ValueError, match="expected input to be a 4-D tensor"):
+        ops._conv2d_grad_input(go, W, [4, 6, 6], *GRAD_ARGS, algo)
+    with pytest.raises(ValueError, match="expected stride to be positive"):
+        ops._conv2d_grad_input(go, W, list(X.shape), [0, 1], [0, 0], [1, 1], 2, algo)
+    with pytest.raises(ValueError, match="expected padding to be non-negative"):
+        ops._conv2d_grad_weight(go, X, list(W.shape), [1, 1], [0, -1], [1, 1], 2, algo)
+
+
+def test_grad_op_unknown_algo():
+    go = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="_conv2d_grad_input: expected algo to be one of"):
+        ops._conv2d_grad_input(go, W, list(X.shape), *GRAD_ARGS, "gemm")
+    with pytest.raises(ValueError, match="_conv2d_grad_weight: expected algo to be one of"):
+        ops._conv2d_grad_weight(go, X, list(W.shape), *GRAD_ARGS, "gemm")
+
+
+def test_double_backward_is_rejected():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = fastconv.conv2d(x, w)
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        gx.sum().backward()
