@@ -962,6 +962,9 @@ def format_table(records, yard):
     return "\n".join(lines)
 
 
+_IMPL_ORDER = ("im2col", "direct", "auto", "depthwise", "max_pool2d")
+
+
 def write_plot(path, records, env, settings):
     """Speedup per case (log scale, grouped by op, a line at 1x), one panel per direction."""
     import matplotlib
@@ -971,7 +974,8 @@ def write_plot(path, records, env, settings):
     import matplotlib.ticker
 
     directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in records)]
-    impls = []
+    # the same colour for an implementation in every plot
+    impls = list(_IMPL_ORDER)
     for rec in records:
         for fr in rec["fastconv"]:
             if fr["impl"] not in impls:
@@ -1027,11 +1031,13 @@ def write_plot(path, records, env, settings):
         ax.set_title(f"{d}", fontsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
         handles, names = ax.get_legend_handles_labels()
-        uniq = dict(zip(names, handles))
+        uniq = dict(sorted(dict(zip(names, handles)).items(), key=lambda kv: impls.index(kv[0])))
         if uniq:
             ax.legend(uniq.values(), uniq.keys(), title="fastconv impl", fontsize=7,
                       loc="best")
-    layout = "channels_last" if settings["channels_last"] else "NCHW"
+    layouts = {bool(r.get("channels_last")) for r in records}
+    layout = ("NCHW and channels_last (per case)" if len(layouts) > 1 else
+              "channels_last" if layouts == {True} else "NCHW")
     threads = f", {settings['threads']} threads" if env["device"].startswith("cpu") else ""
     fig.suptitle(
         f"fastconv vs torch on {env['device_name']} ({env['device']}{threads}) - "
