@@ -86,13 +86,13 @@ def _positive_float(name):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
-        "Benchmark fastconv against torch (cuDNN / ATen / oneDNN) on layer shapes from real "
-        "networks. Each result is checked against torch before it is timed; a wrong result is "
+        "Benchmark fastconv against torch (cuDNN / ATen / oneDNN) on layer shapes from real\n"
+        "networks. Each result is checked against torch before it is timed; a wrong result is\n"
         "reported as FAIL and the command exits with status 1.")
     parser.epilog = (
-        "suites: quick (default: a few layers per op), full (every network below, plus the CPU "
-        "targets on a CPU), cpu-targets (the CPU speed-target shapes, N=8, NCHW and "
-        "channels_last), resnet18, resnet50, mobilenet_v2, convnext, replknet, vgg16.\n"
+        "suites: quick (default: a few layers per op), full (every network below, plus the\n"
+        "  CPU targets on a CPU), cpu-targets (the CPU speed-target shapes, N=8, NCHW and\n"
+        "  channels_last), resnet18, resnet50, mobilenet_v2, convnext, replknet, vgg16.\n"
         "examples:\n"
         "  fastconv bench                          # quick suite on the best device\n"
         "  fastconv bench --device cpu --suite cpu-targets --json cpu.json --plot cpu.png\n"
