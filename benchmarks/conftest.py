@@ -12,7 +12,7 @@ Options (or environment variables): --fastconv-suite (FASTCONV_BENCH_SUITE, defa
 --fastconv-dtype (FASTCONV_BENCH_DTYPE, default float32), --fastconv-channels-last
 (FASTCONV_BENCH_CHANNELS_LAST=1), --fastconv-threads (FASTCONV_BENCH_THREADS).
 
-Every implementation's result is checked against torch in float64 before it is timed (the
+Every implementation's result is checked against torch (float32, TF32 off) before it is timed (the
 same check as `fastconv bench`); a wrong result fails the benchmark instead of timing it.
 On CUDA each timed call ends with torch.cuda.synchronize(), since pytest-benchmark times
 wall clock; cudnn.benchmark is on and TF32 off for both sides.
@@ -108,7 +108,7 @@ def _fc_refs():
 
 @pytest.fixture
 def fc_run(fc_settings, _fc_refs):
-    """fc_run(benchmark, case, impl, direction): check `impl` against torch in float64, then
+    """fc_run(benchmark, case, impl, direction): check `impl` against torch (float32), then
     time it with pytest-benchmark on rotating inputs."""
     s = fc_settings
 

@@ -6,8 +6,10 @@ backward), on one device:
 
 1. correctness first: each fastconv implementation (every applicable algo) runs once on the
    case's inputs and its output (and, for fwd+bwd, every gradient) is compared with torch's op
-   evaluated in float64 on the same inputs. The tolerance scales with the dtype's epsilon and
-   the reduction length, and is never tighter than twice torch's own error in the case dtype.
+   evaluated in float32 (TF32 off) on the same inputs. (float64 would be exact, but torch's
+   float64 CPU path for depthwise convolutions takes seconds per layer.) The tolerance scales
+   with the dtype's epsilon and the reduction length, and is never tighter than twice torch's
+   own error in the case dtype.
    A result outside it is FAIL (an exception is ERROR); neither gets a time or a speedup, and
    the command exits with status 1 at the end.
 2. torch's backend for the case is read from the torch profiler (the aten op that did the
@@ -84,13 +86,13 @@ def _positive_float(name):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
-        "Benchmark fastconv against torch (cuDNN / ATen / oneDNN) on layer shapes from real "
-        "networks. Each result is checked against torch before it is timed; a wrong result is "
+        "Benchmark fastconv against torch (cuDNN / ATen / oneDNN) on layer shapes from real\n"
+        "networks. Each result is checked against torch before it is timed; a wrong result is\n"
         "reported as FAIL and the command exits with status 1.")
     parser.epilog = (
-        "suites: quick (default: a few layers per op), full (every network below, plus the CPU "
-        "targets on a CPU), cpu-targets (the CPU speed-target shapes, N=8, NCHW and "
-        "channels_last), resnet18, resnet50, mobilenet_v2, convnext, replknet, vgg16.\n"
+        "suites: quick (default: a few layers per op), full (every network below, plus the\n"
+        "  CPU targets on a CPU), cpu-targets (the CPU speed-target shapes, N=8, NCHW and\n"
+        "  channels_last), resnet18, resnet50, mobilenet_v2, convnext, replknet, vgg16.\n"
         "examples:\n"
         "  fastconv bench                          # quick suite on the best device\n"
         "  fastconv bench --device cpu --suite cpu-targets --json cpu.json --plot cpu.png\n"
@@ -560,21 +562,34 @@ def _run_once(fn, st, direction):
     return res
 
 
-def _reference(fn, st, direction):
-    """torch's op in float64 on the same (dtype-rounded) inputs: the ground truth."""
+@contextlib.contextmanager
+def _no_tf32():
     import torch
 
-    ts = tuple(None if t is None else t.detach().double().requires_grad_(direction == "fwd+bwd")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _reference(fn, st, direction):
+    """torch's op in float32 without TF32, on the same (dtype-rounded) inputs."""
+    import torch
+
+    ts = tuple(None if t is None else
+               t.detach().to(torch.float32).requires_grad_(direction == "fwd+bwd")
                for t in st.tensors)
 
     class _S:
         tensors = ts
-        grad = None if st.grad is None else st.grad.double()
+        grad = None if st.grad is None else st.grad.to(torch.float32)
 
         def leaves(self):
             return [t for t in ts if t is not None]
 
-    with torch.autograd.set_grad_enabled(direction == "fwd+bwd"):
+    with torch.autograd.set_grad_enabled(direction == "fwd+bwd"), _no_tf32():
         return _run_once(fn, _S(), direction)
 
 
@@ -587,7 +602,8 @@ def _eps(dtype):
 def _error_ratio(actual, ref, reduction, s):
     """max |actual - ref| over the tolerance, elementwise: 2 eps|ref| (the result's own rounding,
     twice) + TOL_FACTOR * (eps_acc * sqrt(reduction) + eps) * rms(ref) (accumulating `reduction`
-    products in float32 / TF32, and a few roundings in the case dtype). <= 1 passes."""
+    products in float32 / TF32, here and in the float32 reference, and a few roundings in the
+    case dtype). <= 1 passes."""
     import torch
 
     dtype = s["dtype"]
@@ -613,7 +629,7 @@ def _error_ratio(actual, ref, reduction, s):
 
 
 def _check(results, ref, torch_ratio, case, s):
-    """Compare one implementation's results with the float64 reference. Returns (ok, detail,
+    """Compare one implementation's results with the reference. Returns (ok, detail,
     message)."""
     reductions = case.reductions()
     detail, msgs, ok = {}, [], True
@@ -946,6 +962,9 @@ def format_table(records, yard):
     return "\n".join(lines)
 
 
+_IMPL_ORDER = ("im2col", "direct", "auto", "depthwise", "max_pool2d")
+
+
 def write_plot(path, records, env, settings):
     """Speedup per case (log scale, grouped by op, a line at 1x), one panel per direction."""
     import matplotlib
@@ -955,7 +974,8 @@ def write_plot(path, records, env, settings):
     import matplotlib.ticker
 
     directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in records)]
-    impls = []
+    # the same colour for an implementation in every plot
+    impls = list(_IMPL_ORDER)
     for rec in records:
         for fr in rec["fastconv"]:
             if fr["impl"] not in impls:
@@ -1011,11 +1031,13 @@ def write_plot(path, records, env, settings):
         ax.set_title(f"{d}", fontsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
         handles, names = ax.get_legend_handles_labels()
-        uniq = dict(zip(names, handles))
+        uniq = dict(sorted(dict(zip(names, handles)).items(), key=lambda kv: impls.index(kv[0])))
         if uniq:
             ax.legend(uniq.values(), uniq.keys(), title="fastconv impl", fontsize=7,
                       loc="best")
-    layout = "channels_last" if settings["channels_last"] else "NCHW"
+    layouts = {bool(r.get("channels_last")) for r in records}
+    layout = ("NCHW and channels_last (per case)" if len(layouts) > 1 else
+              "channels_last" if layouts == {True} else "NCHW")
     threads = f", {settings['threads']} threads" if env["device"].startswith("cpu") else ""
     fig.suptitle(
         f"fastconv vs torch on {env['device_name']} ({env['device']}{threads}) - "
@@ -1061,7 +1083,7 @@ def run(args) -> int:
         "timer": ("CUDA events, after warm-up" if s["device"].type == "cuda" else
                   "torch.utils.benchmark.Timer.blocked_autorange"),
         "correctness_tolerance": f"{TOL_FACTOR:g} * (eps_acc * sqrt(reduction) + eps) * rms(ref) "
-                                 f"+ 2 eps |ref|, >= 2x torch's own error; ref = torch in float64",
+                                 f"+ 2 eps |ref|, >= 2x torch's own error; ref = torch in float32, TF32 off",
     }
     t_start = time.perf_counter()
     records = []
