@@ -116,8 +116,8 @@ def _non_negative_int(text):
 def add_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
-        "Trains every chosen model twice (torch.nn layers, then the same weights after "
-        "fastconv.convert) on scikit-learn's digits and writes curves, filters, feature maps, "
+        "Trains every chosen model twice (torch.nn layers, then the same weights after\n"
+        "fastconv.convert) on scikit-learn's digits and writes curves, filters, feature maps,\n"
         "confusion matrices and summary.json to --out.")
     parser.add_argument("--models", default=DEFAULT_MODELS,
                         help="comma-separated names from fastconv.models.MODELS, or 'all' "
@@ -142,7 +142,7 @@ def add_arguments(parser):
                         help="parameter and data dtype (default: float32)")
     parser.add_argument("--control", action="store_true",
                         help="also train a third, torch.nn run from the same weights moved by one "
-                             "float32 rounding step (1 ulp): shows how far SGD alone carries a "
+                             "rounding step (1 ulp): shows how far SGD alone carries a "
                              "rounding-sized difference (about 50%% more time)")
     parser.add_argument("--no-plots", action="store_true",
                         help="skip the PNG files (summary.json is still written)")
