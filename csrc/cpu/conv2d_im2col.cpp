@@ -53,8 +53,10 @@ constexpr int64_t kTileBytes = 4 << 20;
 constexpr int64_t kColumnCapBytes = 32 << 20;
 // Own-GEMM path: images are batched into one tile until it has about this many columns.
 constexpr int64_t kTileCols = 1024;
-// Own-GEMM grad_input: rows of the column block (channels x kH x kW) one GEMM call produces.
-constexpr int64_t kColBlockRows = 256;
+// Own-GEMM grad_input: bytes of the column block one GEMM call produces (col2im then reads
+// it from L2), and the most columns (output positions) a tile may span.
+constexpr int64_t kColBlockBytes = 1 << 20;
+constexpr int64_t kGradInputMaxCols = 4096;
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -750,20 +752,32 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
   const int64_t Og = O / G, Cg = C / G, KK = s.kernel_h * s.kernel_w, Kg = Cg * KK;
   const int64_t L = s.out_h * s.out_w, OW = s.out_w, HW = s.in_h * s.in_w;
   const bool pointwise = is_pointwise(s);
-  const Tiles t = plan_gemm_tiles(N, s.in_h, L);
+  const int64_t halo = div_up((s.kernel_h - 1) * s.dil_h, s.stride_h);
+  Tiles t = plan_gemm_tiles(N, s.in_h, L);
+  if (t.nb == 1) {
+    // Bound the columns of a tile (a block of input rows needs about rows / sH + halo
+    // output rows) so a column block stays small on large images.
+    const int64_t max_rows =
+        std::max<int64_t>(1, (kGradInputMaxCols / OW - halo - 1) * s.stride_h);
+    if (t.rows > max_rows) {
+      t.rows = max_rows;
+      t.row_blocks = div_up(s.in_h, t.rows);
+    }
+  }
   const at::Tensor packed_w = pack_weight<T>(weight, s, true);
   const int64_t a_size = gemm::packed_a_size(Kg, Og);
   const T* ap = packed_w.const_data_ptr<T>();
   const T* go = grad_output.const_data_ptr<T>();
   T* gi = grad_input.mutable_data_ptr<T>();
-  const int64_t halo = div_up((s.kernel_h - 1) * s.dil_h, s.stride_h);
   const int64_t max_out_rows =
       t.nb > 1 ? s.out_h : std::min(s.out_h, div_up(t.rows, s.stride_h) + halo + 1);
   const int64_t max_cols = t.nb * max_out_rows * OW;
-  // Channels per column block: a multiple of 8, so every block starts on an A panel (MR = 8).
-  const int64_t block_channels =
-      std::min(Cg, std::max<int64_t>(8, kColBlockRows / KK / 8 * 8));
+  // Channels per column block: as many as keep the block (channels x kH x kW rows by the
+  // tile's columns) within kColBlockBytes, so col2im reads it back from L2; a multiple of 8,
+  // so every block starts on an A panel (MR = 8).
   static_assert(gemm::kMR == 8, "block_channels assumes 8-row A panels");
+  const int64_t block_channels = std::min(
+      Cg, std::max<int64_t>(8, kColBlockBytes / (KK * max_cols * int64_t(sizeof(T))) / 8 * 8));
 
   at::parallel_for(0, t.count(), parallel_grain(O * Kg * max_cols),
                    [&](int64_t begin, int64_t end) {
