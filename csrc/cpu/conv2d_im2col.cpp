@@ -15,8 +15,11 @@
 //   forward      out_g = W_g @ cols_g. cols are built per GEMM block (kKC rows x nc columns,
 //                480 KiB, L2) by a table-driven im2col; a 1x1 / stride 1 / unpadded
 //                convolution of whole images reads the input itself, no copy.
-//   grad_input   cols_g = W_g^T @ grad_output_g (grad_output read in place), a block of a few
-//                channels at a time (kColBlockBytes, L2), each block col2im'ed at once.
+//   grad_input   stride 1 (padding <= kernel extent): the forward above applied to
+//                grad_output with the kernel flipped and transposed, so no col2im at all.
+//                Otherwise cols_g = W_g^T @ grad_output_g (grad_output read in place), a
+//                block of a few channels at a time (kColBlockBytes, L2), each block col2im'ed
+//                at once (below).
 //   grad_weight  dW_g += grad_output_g @ cols_g^T with a dot-product kernel whose lanes run
 //                along the output positions, so both operands are read row by row in place
 //                (cols in blocks of kRows x kKT, L2; the input itself for 1x1).
@@ -754,9 +757,37 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
   });
 }
 
+// Stride 1 with padding <= the dilated kernel extent: grad_input is the forward convolution of
+// grad_output with the kernel transposed (per group) and flipped, padded by extent - padding.
+// That reuses the forward's GEMM (reduction Og * kH * kW instead of Og, no col2im).
+template <typename T>
+bool grad_input_as_forward(const at::Tensor& grad_output, const at::Tensor& weight,
+                           at::Tensor& grad_input, const Conv2dShape& s) {
+  const int64_t ext_h = (s.kernel_h - 1) * s.dil_h, ext_w = (s.kernel_w - 1) * s.dil_w;
+  if (s.stride_h != 1 || s.stride_w != 1 || s.pad_h > ext_h || s.pad_w > ext_w) return false;
+  const int64_t G = s.groups, Og = s.out_channels / G, Cg = s.in_channels / G;
+  const at::Tensor wt = weight.view({G, Og, Cg, s.kernel_h, s.kernel_w})
+                            .flip({3, 4})
+                            .transpose(1, 2)
+                            .contiguous()
+                            .view({s.in_channels, Og, s.kernel_h, s.kernel_w});
+  Conv2dShape t = s;
+  t.in_channels = s.out_channels;
+  t.in_h = s.out_h;
+  t.in_w = s.out_w;
+  t.out_channels = s.in_channels;
+  t.out_h = s.in_h;
+  t.out_w = s.in_w;
+  t.pad_h = ext_h - s.pad_h;
+  t.pad_w = ext_w - s.pad_w;
+  forward_gemm<T>(grad_output, wt, at::Tensor(), grad_input, t);
+  return true;
+}
+
 template <typename T>
 void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Conv2dShape& s) {
+  if (grad_input_as_forward<T>(grad_output, weight, grad_input, s)) return;
   constexpr int64_t NR = gemm::nr<T>();
   const int64_t N = s.batch, C = s.in_channels, O = s.out_channels, G = s.groups;
   const int64_t Og = O / G, Cg = C / G, KK = s.kernel_h * s.kernel_w, Kg = Cg * KK;
