@@ -41,7 +41,6 @@ struct Simd<float> {
   static V set1(float a) { return _mm512_set1_ps(a); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static V load(V src, Mask m, const float* p) { return _mm512_mask_loadu_ps(src, m, p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
@@ -62,18 +61,6 @@ struct Simd<float> {
     __asm__("" : "+v"(v));
     return _mm512_maskz_mov_ps(m, v);
   }
-  // 32-bit gather indices, one per lane
-  using Idx = __m512i;
-  static Idx idx_load(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static Idx idx_add(Idx a, int32_t b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }
-  // lanes where 0 <= a < bound (one unsigned compare)
-  static Mask idx_in_range(Idx a, int32_t bound) {
-    return _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(bound));
-  }
-  static V gather(Mask m, Idx idx, const float* base) { return gather(zero(), m, idx, base); }
-  static V gather(V src, Mask m, Idx idx, const float* base) {
-    return _mm512_mask_i32gather_ps(src, m, idx, base, 4);
-  }
 };
 
 template <>
@@ -85,7 +72,6 @@ struct Simd<double> {
   static V set1(double a) { return _mm512_set1_pd(a); }
   static V load(const double* p) { return _mm512_loadu_pd(p); }
   static V load(const double* p, Mask m) { return _mm512_maskz_loadu_pd(m, p); }
-  static V load(V src, Mask m, const double* p) { return _mm512_mask_loadu_pd(src, m, p); }
   static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
   static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
@@ -100,18 +86,6 @@ struct Simd<double> {
     V v = _mm512_loadu_pd(p);
     __asm__("" : "+v"(v));
     return _mm512_maskz_mov_pd(m, v);
-  }
-  using Idx = __m256i;
-  static Idx idx_load(const int32_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  }
-  static Idx idx_add(Idx a, int32_t b) { return _mm256_add_epi32(a, _mm256_set1_epi32(b)); }
-  static Mask idx_in_range(Idx a, int32_t bound) {
-    return _mm256_cmplt_epu32_mask(a, _mm256_set1_epi32(bound));
-  }
-  static V gather(Mask m, Idx idx, const double* base) { return gather(zero(), m, idx, base); }
-  static V gather(V src, Mask m, Idx idx, const double* base) {
-    return _mm512_mask_i32gather_pd(src, m, idx, base, 8);
   }
 };
 
@@ -131,14 +105,10 @@ constexpr int kMR = 8;
 constexpr int kNV = 3;
 template <typename T>
 constexpr int nr() { return kNV * Simd<T>::kLanes; }
-// Rows of B per packed chunk: the A micro-panel (KC * MR) stays in L1.
+// Rows of B (K) per block: the A micro-panel (KC * MR elements, 8 KiB) stays in L1.
 constexpr int64_t kKC = 256;
 
 inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
-template <typename T>
-int64_t packed_b_size(int64_t N) {
-  return (N + nr<T>() - 1) / nr<T>() * nr<T>() * kKC;
-}
 
 // C[0:mr, 0:ncols] (= or +=) A_panel @ B_panel over kc. Row k of the B panel is at b + k * ldb,
 // NR values wide: a packed panel (ldb = NR) or straight rows of a row-major matrix (the image,
