@@ -15,11 +15,8 @@
 //   forward      out_g = W_g @ cols_g. cols are built per GEMM block (kKC rows x nc columns,
 //                480 KiB, L2) by a table-driven im2col; a 1x1 / stride 1 / unpadded
 //                convolution of whole images reads the input itself, no copy.
-//   grad_input   stride 1 (padding <= kernel extent): the forward above applied to
-//                grad_output with the kernel flipped and transposed, so no col2im at all.
-//                Otherwise cols_g = W_g^T @ grad_output_g (grad_output read in place), a
-//                block of a few channels at a time (kColBlockBytes, L2), each block col2im'ed
-//                at once (below).
+//   grad_input   cols_g = W_g^T @ grad_output_g (grad_output read in place), a block of a
+//                few channels at a time (kColBlockBytes, L2), each block col2im'ed at once.
 //   grad_weight  dW_g += grad_output_g @ cols_g^T with a dot-product kernel whose lanes run
 //                along the output positions, so both operands are read row by row in place
 //                (cols in blocks of kRows x kKT, L2; the input itself for 1x1).
@@ -34,10 +31,13 @@
 // im2col copy (K * L elements, about 0.1 ns each) is the overhead, amortised over the output
 // channels and kept cache resident by the blocking.
 //
-// grad_input: col2im is a gather: each input row sums the column entries that map onto it
-// (float accumulator per row), so there are no atomics and no zero-fill pass. A tile owns a
-// block of input rows and recomputes the few output rows its neighbour also needs (a halo of
-// ceil((kH - 1) * dH / sH) rows).
+// grad_input, both back ends: with stride 1 and padding <= the dilated kernel extent it is
+// the forward convolution of grad_output with the flipped, transposed kernel (no col2im, and
+// the GEMM reduces over Og * kH * kW instead of Og). Otherwise GEMM to columns and a gather
+// col2im: each input row sums the column entries that map onto it (float accumulator per
+// row), so there are no atomics and no zero-fill pass. A tile owns a block of input rows and
+// recomputes the few output rows its neighbour also needs (a halo of ceil((kH - 1) * dH / sH)
+// rows).
 //
 // grad_weight: each part (one per thread) accumulates its tiles into its own dW, and the parts
 // are summed in a fixed order, so the result is deterministic for a given thread count.
@@ -284,6 +284,35 @@ at::Tensor scratch(int64_t n, const at::Tensor& like) {
 // A [rows, cols] matrix view with leading dimension ld over a raw buffer of `like`'s dtype.
 at::Tensor mat(void* data, int64_t rows, int64_t cols, int64_t ld, const at::Tensor& like) {
   return at::from_blob(data, {rows, cols}, {ld, 1}, like.options());
+}
+
+// Stride 1 with padding <= the dilated kernel extent: grad_input is the forward convolution of
+// grad_output with the kernel transposed (per group) and flipped, padded by extent - padding.
+// That runs the forward's GEMM (reduction Og * kH * kW instead of Og) and needs no col2im.
+// Returns false (t untouched) when the rule does not apply.
+bool grad_input_as_forward_shape(const Conv2dShape& s, Conv2dShape& t) {
+  const int64_t ext_h = (s.kernel_h - 1) * s.dil_h, ext_w = (s.kernel_w - 1) * s.dil_w;
+  if (s.stride_h != 1 || s.stride_w != 1 || s.pad_h > ext_h || s.pad_w > ext_w) return false;
+  t = s;
+  t.in_channels = s.out_channels;
+  t.in_h = s.out_h;
+  t.in_w = s.out_w;
+  t.out_channels = s.in_channels;
+  t.out_h = s.in_h;
+  t.out_w = s.in_w;
+  t.pad_h = ext_h - s.pad_h;
+  t.pad_w = ext_w - s.pad_w;
+  return true;
+}
+
+// w[g * Og + o, c, i, j] -> wt[g * Cg + c, o, kH - 1 - i, kW - 1 - j]
+at::Tensor flipped_transposed_weight(const at::Tensor& weight, const Conv2dShape& s) {
+  const int64_t G = s.groups, Og = s.out_channels / G, Cg = s.in_channels / G;
+  return weight.view({G, Og, Cg, s.kernel_h, s.kernel_w})
+      .flip({3, 4})
+      .transpose(1, 2)
+      .contiguous()
+      .view({s.in_channels, Og, s.kernel_h, s.kernel_w});
 }
 
 // ---- at::mm back end -------------------------------------------------------------------
@@ -757,37 +786,9 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
   });
 }
 
-// Stride 1 with padding <= the dilated kernel extent: grad_input is the forward convolution of
-// grad_output with the kernel transposed (per group) and flipped, padded by extent - padding.
-// That reuses the forward's GEMM (reduction Og * kH * kW instead of Og, no col2im).
-template <typename T>
-bool grad_input_as_forward(const at::Tensor& grad_output, const at::Tensor& weight,
-                           at::Tensor& grad_input, const Conv2dShape& s) {
-  const int64_t ext_h = (s.kernel_h - 1) * s.dil_h, ext_w = (s.kernel_w - 1) * s.dil_w;
-  if (s.stride_h != 1 || s.stride_w != 1 || s.pad_h > ext_h || s.pad_w > ext_w) return false;
-  const int64_t G = s.groups, Og = s.out_channels / G, Cg = s.in_channels / G;
-  const at::Tensor wt = weight.view({G, Og, Cg, s.kernel_h, s.kernel_w})
-                            .flip({3, 4})
-                            .transpose(1, 2)
-                            .contiguous()
-                            .view({s.in_channels, Og, s.kernel_h, s.kernel_w});
-  Conv2dShape t = s;
-  t.in_channels = s.out_channels;
-  t.in_h = s.out_h;
-  t.in_w = s.out_w;
-  t.out_channels = s.in_channels;
-  t.out_h = s.in_h;
-  t.out_w = s.in_w;
-  t.pad_h = ext_h - s.pad_h;
-  t.pad_w = ext_w - s.pad_w;
-  forward_gemm<T>(grad_output, wt, at::Tensor(), grad_input, t);
-  return true;
-}
-
 template <typename T>
 void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Conv2dShape& s) {
-  if (grad_input_as_forward<T>(grad_output, weight, grad_input, s)) return;
   constexpr int64_t NR = gemm::nr<T>();
   const int64_t N = s.batch, C = s.in_channels, O = s.out_channels, G = s.groups;
   const int64_t Og = O / G, Cg = C / G, KK = s.kernel_h * s.kernel_w, Kg = Cg * KK;
@@ -1001,6 +1002,12 @@ void im2col_forward(const at::Tensor& input, const at::Tensor& weight, const at:
 
 void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Conv2dShape& s) {
+  Conv2dShape t;
+  if (grad_input_as_forward_shape(s, t)) {
+    im2col_forward(grad_output, flipped_transposed_weight(weight, s), at::Tensor(), grad_input,
+                   t);
+    return;
+  }
   const auto st = grad_output.scalar_type();
   if (use_own_gemm(st)) {
     FASTCONV_DISPATCH_OWN_GEMM(
