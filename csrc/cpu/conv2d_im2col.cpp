@@ -149,7 +149,7 @@ Tiles plan_input_tiles(const Conv2dShape& s, int64_t elem) {
 
 // Own-GEMM path: no column buffer bounds the tile, so a tile is a whole image, or several
 // small images; rows are split only to balance the threads.
-Tiles plan_gemm_tiles(int64_t batch, int64_t extent, int64_t plane) {
+[[maybe_unused]] Tiles plan_gemm_tiles(int64_t batch, int64_t extent, int64_t plane) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   Tiles t;
   t.extent = extent;
