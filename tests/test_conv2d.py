@@ -264,20 +264,54 @@ def test_thread_counts_split_rows(threads, algo):
     assert_close(gw, ew)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [
-    (2, 32, 40, 36, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),   # columns > one tile: row blocks
+    # K = 288 > one K chunk, 1440 columns > one N block, O not a multiple of the 8-row panel
+    (2, 32, 40, 36, 10, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),
     (1, 16, 50, 40, 8, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),    # big 1x1: GEMM on the input
+    (1, 2, 9, 700, 3, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),    # wide: grad_input row blocks
+    (3, 16, 6, 50, 12, 3, 3, (2, 1), (1, 1), (1, 1), 2, True),    # stride 2, grouped, K chunks
 ], ids=_ids)
-def test_im2col_tiling_large(case):
-    x, w, b, kw = _make(case, requires_grad=True)
+def test_im2col_blocking(case, dtype):
+    """Shapes past the GEMM's K-chunk / N-block sizes and the grad_input tile cap."""
+    x, w, b, kw = _make(case, dtype=dtype, requires_grad=True)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
     out = fastconv.conv2d(x, w, b, algo="im2col", **kw)
-    exp = F.conv2d(x, w, b, **kw)
-    assert_close(out, exp)
+    exp = F.conv2d(x64, w64, b64, **kw)
+    n, c, h, wd, o, kh, kwid = case[:7]
+    g = kw["groups"]
+    assert_close(out, exp, dtype=dtype, reduction=c // g * kh * kwid)
     go = torch.randn_like(exp)
-    got = _grads(lambda: fastconv.conv2d(x, w, b, algo="im2col", **kw), (x, w, b), go)
-    ref = _grads(lambda: F.conv2d(x, w, b, **kw), (x, w, b), go)
-    for a, e in zip(got, ref):
-        assert_close(a, e)
+    got = _grads(lambda: fastconv.conv2d(x, w, b, algo="im2col", **kw), (x, w, b), go.to(dtype))
+    ref = _grads(lambda: F.conv2d(x64, w64, b64, **kw), (x64, w64, b64), go.to(dtype).double())
+    assert_close(got[0], ref[0], dtype=dtype, reduction=o // g * kh * kwid)
+    for a, e in zip(got[1:], ref[1:]):
+        assert_close(a, e, dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    (2, 3, 130, 20, 6, 3, 2, (1, 1), (1, 2), (2, 1), 1, True),    # several grid chunks, O % 4
+    (1, 4, 40, 33, 6, 5, 3, (1, 1), (4, 0), (1, 2), 2, False),    # padding > kernel half
+], ids=_ids)
+def test_direct_blocking(case, dtype):
+    """The stride-1 direct kernels cut the padded grid into chunks of rows and output planes
+    into blocks of 4; shapes with several chunks and a partial block."""
+    x, w, b, kw = _make(case, dtype=dtype, requires_grad=True)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    out = fastconv.conv2d(x, w, b, algo="direct", **kw)
+    exp = F.conv2d(x64, w64, b64, **kw)
+    n, c, h, wd, o, kh, kwid = case[:7]
+    g = kw["groups"]
+    assert_close(out, exp, dtype=dtype, reduction=c // g * kh * kwid)
+    go = torch.randn_like(exp)
+    got = _grads(lambda: fastconv.conv2d(x, w, b, algo="direct", **kw), (x, w, b), go.to(dtype))
+    ref = _grads(lambda: F.conv2d(x64, w64, b64, **kw), (x64, w64, b64), go.to(dtype).double())
+    assert_close(got[0], ref[0], dtype=dtype, reduction=o // g * kh * kwid)
+    for a, e in zip(got[1:], ref[1:]):
+        assert_close(a, e, dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
 
 
 @pytest.mark.parametrize("algo", ALGOS)

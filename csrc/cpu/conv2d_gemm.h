@@ -1,21 +1,23 @@
 #pragma once
-// A small single-threaded packed GEMM for the im2col algorithm (float32 / float64, AVX-512):
-//   C[M, N] (row-major, ldc) = (accumulate ? C : bias) + A[M, K] @ B[K, N].
+// Small single-threaded GEMM kernels for the im2col algorithm (float32 / float64, AVX-512):
+//   gemm:    C[M, N] (row-major, ldc) = (accumulate ? C : bias) + A[M, K] @ B[K, N]
+//   gemm_nt: C[M, N] += A[M, K] @ B[N, K]^T                          (grad_weight)
 //
 // Why not at::mm: on the AMD EPYC this project targets, MKL's sgemm takes its AVX2 path and
-// runs at about half the FLOP rate of oneDNN's AVX-512 convolution; and packing B ourselves
-// lets the forward pack straight from the image (implicit im2col: the column matrix is never
-// written out, the GEMM's own B packing is the only copy).
+// runs at about a third of this kernel's rate (about half of oneDNN's AVX-512 convolution),
+// and a GEMM of our own can read B straight from the image / grad_output.
 //
-// Structure (Goto / BLIS, without B packing): A is packed once into MR-row panels ([K][MR]
-// each); B is read in place, row by row, from any row-major [K, N] source (the image itself for
-// a 1x1 convolution, grad_output, an im2col block) or from NR-wide packed panels when the
-// source is transposed. An MR x NR register-blocked micro-kernel walks A panel (outer, stays
-// in L1: KC * MR elements) x B panel (inner, from L2: the B block is KC x NC). It keeps the
-// MR x NR tile of C in 24 zmm registers and per k does NV vector loads of B, MR broadcasts of A
-// and MR * NV FMAs, so it is FMA-bound (2 FMAs / cycle) as long as the B block stays in L2;
-// measured on the target EPYC it runs at ~95% of peak from L2 with strided B rows, which is
-// why B is not packed (packing cost more than it saved).
+// gemm (Goto / BLIS, without B packing): A is packed once into MR-row panels ([K][MR] each);
+// B is read in place, row by row, from any row-major [K, N] source (the image itself for a
+// 1x1 convolution, grad_output, an im2col block). An MR x NR register-blocked micro-kernel
+// walks A panel (outer, stays in L1: KC * MR elements) x B panel (inner, from L2: the B
+// block is KC x NC). It keeps the 8 x 48 (float32; 8 x 24 float64) tile of C in 24 zmm
+// registers and per k does 3 vector loads of B, 8 broadcasts of A and 24 FMAs, so it is
+// FMA-bound as long as the B block stays in L2: measured 270 GFLOP/s from L1 and 240-280
+// from L2 with strided B rows on one Zen 5 core (peak ~280), which is why B is not packed
+// (packing cost more than it saved).
+//
+// gemm_nt: see dot_kernel below; about 180 GFLOP/s on the same core.
 
 #if defined(__AVX512F__)
 #define FASTCONV_HAVE_AVX512_GEMM 1
@@ -39,29 +41,25 @@ struct Simd<float> {
   static V set1(float a) { return _mm512_set1_ps(a); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static V load(V src, Mask m, const float* p) { return _mm512_mask_loadu_ps(src, m, p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static float reduce(V v) { return _mm512_reduce_add_ps(v); }
+  // Horizontal sum in a fixed order. (GCC 12's _mm512_reduce_add_* and unmasked 512-bit
+  // shuffles trip -Wmaybe-uninitialized inside its own headers; the maskz forms do not.)
+  static float reduce(V v) {
+    V t = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0x4E));
+    t = _mm512_add_ps(t, _mm512_maskz_shuffle_f32x4(0xFFFF, t, t, 0xB1));
+    __m128 q = _mm512_maskz_extractf32x4_ps(0xF, t, 0);
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+  }
   // The empty asm keeps GCC from folding load + zeroing into a (slow) masked load.
   static V load_zero_masked(Mask m, const float* p) {
     V v = _mm512_loadu_ps(p);
     __asm__("" : "+v"(v));
     return _mm512_maskz_mov_ps(m, v);
-  }
-  // 32-bit gather indices, one per lane
-  using Idx = __m512i;
-  static Idx idx_load(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static Idx idx_add(Idx a, int32_t b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }
-  // lanes where 0 <= a < bound (one unsigned compare)
-  static Mask idx_in_range(Idx a, int32_t bound) {
-    return _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(bound));
-  }
-  static V gather(Mask m, Idx idx, const float* base) { return gather(zero(), m, idx, base); }
-  static V gather(V src, Mask m, Idx idx, const float* base) {
-    return _mm512_mask_i32gather_ps(src, m, idx, base, 4);
   }
 };
 
@@ -74,33 +72,20 @@ struct Simd<double> {
   static V set1(double a) { return _mm512_set1_pd(a); }
   static V load(const double* p) { return _mm512_loadu_pd(p); }
   static V load(const double* p, Mask m) { return _mm512_maskz_loadu_pd(m, p); }
-  static V load(V src, Mask m, const double* p) { return _mm512_mask_loadu_pd(src, m, p); }
   static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
   static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
-  static double reduce(V v) {  // (GCC 12's _mm512_reduce_add_pd warns spuriously)
-    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v),
-                                    _mm512_castpd512_pd256(_mm512_shuffle_f64x2(v, v, 0xEE)));
-    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  static double reduce(V v) {
+    V t = _mm512_add_pd(v, _mm512_maskz_shuffle_f64x2(0xFF, v, v, 0x4E));
+    t = _mm512_add_pd(t, _mm512_maskz_shuffle_f64x2(0xFF, t, t, 0xB1));
+    const __m128d q = _mm_castps_pd(_mm512_maskz_extractf32x4_ps(0xF, _mm512_castpd_ps(t), 0));
     return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
   }
   static V load_zero_masked(Mask m, const double* p) {
     V v = _mm512_loadu_pd(p);
     __asm__("" : "+v"(v));
     return _mm512_maskz_mov_pd(m, v);
-  }
-  using Idx = __m256i;
-  static Idx idx_load(const int32_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  }
-  static Idx idx_add(Idx a, int32_t b) { return _mm256_add_epi32(a, _mm256_set1_epi32(b)); }
-  static Mask idx_in_range(Idx a, int32_t bound) {
-    return _mm256_cmplt_epu32_mask(a, _mm256_set1_epi32(bound));
-  }
-  static V gather(Mask m, Idx idx, const double* base) { return gather(zero(), m, idx, base); }
-  static V gather(V src, Mask m, Idx idx, const double* base) {
-    return _mm512_mask_i32gather_pd(src, m, idx, base, 8);
   }
 };
 
@@ -120,14 +105,10 @@ constexpr int kMR = 8;
 constexpr int kNV = 3;
 template <typename T>
 constexpr int nr() { return kNV * Simd<T>::kLanes; }
-// Rows of B per packed chunk: the A micro-panel (KC * MR) stays in L1.
+// Rows of B (K) per block: the A micro-panel (KC * MR elements, 8 KiB) stays in L1.
 constexpr int64_t kKC = 256;
 
 inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
-template <typename T>
-int64_t packed_b_size(int64_t N) {
-  return (N + nr<T>() - 1) / nr<T>() * nr<T>() * kKC;
-}
 
 // C[0:mr, 0:ncols] (= or +=) A_panel @ B_panel over kc. Row k of the B panel is at b + k * ldb,
 // NR values wide: a packed panel (ldb = NR) or straight rows of a row-major matrix (the image,

@@ -4,32 +4,44 @@
 //
 // Tiles: a group of `nb` whole images, or a block of one image's rows. They run in parallel
 // (at::parallel_for, a contiguous range of tiles per thread, the tile count a multiple of the
-// thread count where possible); inside a tile one thread packs, multiplies and consumes its
+// thread count where possible); inside a tile one thread builds, multiplies and consumes its
 // own data, so it stays in that core's cache. Images are batched into one tile when an image
-// has few output positions, so the GEMM's N dimension is not a sliver.
+// has few output positions (kTileCols), so the GEMM's N dimension is not a sliver.
 //
 // Two GEMM back ends:
-// * float32 / float64 with AVX-512 (conv2d_gemm.h): a packed register-blocked GEMM whose B
-//   packing reads straight from the image (implicit im2col), so the forward never writes the
-//   column matrix at all and a 1x1 / stride 1 / unpadded convolution packs plain input rows.
-//   grad_input multiplies W^T by grad_output into a column block of a few channels (kept in
-//   L2) and col2im's it at once; grad_weight packs cols^T straight from the image as well.
+// * float32 / float64 where the build has AVX-512 (conv2d_gemm.h, a register-blocked GEMM
+//   that reads B in place; about 3x MKL's sgemm on the target AMD EPYC, where MKL takes its
+//   AVX2 path):
+//   forward      out_g = W_g @ cols_g. cols are built per GEMM block (kKC rows x nc columns,
+//                480 KiB, L2) by a table-driven im2col; a 1x1 / stride 1 / unpadded
+//                convolution of whole images reads the input itself, no copy.
+//   grad_input   cols_g = W_g^T @ grad_output_g (grad_output read in place), a block of a
+//                few channels at a time (kColBlockBytes, L2), each block col2im'ed at once.
+//   grad_weight  dW_g += grad_output_g @ cols_g^T with a dot-product kernel whose lanes run
+//                along the output positions, so both operands are read row by row in place
+//                (cols in blocks of kRows x kKT, L2; the input itself for 1x1).
+//   Workspace per thread: one cols block (<= 1 MiB) plus, for batched small images, the
+//   batch's output / grad_output planes (<= O x kTileCols elements).
 // * bfloat16, and every dtype on a build without AVX-512: im2col into a column buffer, then
 //   at::mm / at::addmm (MKL or oneDNN). Each tile's columns are at most kTileBytes and all
 //   threads together hold at most kColumnCapBytes (32 MiB); a 1x1 / stride 1 / unpadded
 //   convolution multiplies the input directly.
 //
 // Speed: the GEMM (2 * N * O * K * L FLOPs) bounds everything for large channel counts; the
-// packing / im2col copy (K * L elements) is the overhead, kept cache resident by the tiling.
+// im2col copy (K * L elements, about 0.1 ns each) is the overhead, amortised over the output
+// channels and kept cache resident by the blocking.
 //
-// grad_input: col2im is a gather: each input row sums the column entries that map onto it
-// (float accumulator per row), so there are no atomics and no zero-fill pass. A tile owns a
-// block of input rows and recomputes the few output rows its neighbour also needs (a halo of
-// ceil((kH - 1) * dH / sH) rows).
+// grad_input, both back ends: with stride 1 and padding <= the dilated kernel extent it is
+// the forward convolution of grad_output with the flipped, transposed kernel (no col2im, and
+// the GEMM reduces over Og * kH * kW instead of Og). Otherwise GEMM to columns and a gather
+// col2im: each input row sums the column entries that map onto it (float accumulator per
+// row), so there are no atomics and no zero-fill pass. A tile owns a block of input rows and
+// recomputes the few output rows its neighbour also needs (a halo of ceil((kH - 1) * dH / sH)
+// rows).
 //
-// grad_weight: dW_g += grad_output_g @ cols_g^T over the tiles of a part; each part (one per
-// thread) has its own accumulator and the parts are summed in a fixed order, so the result is
-// deterministic for a given thread count. bfloat16 accumulates in float32.
+// grad_weight: each part (one per thread) accumulates its tiles into its own dW, and the parts
+// are summed in a fixed order, so the result is deterministic for a given thread count.
+// bfloat16 accumulates in float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -53,8 +65,10 @@ constexpr int64_t kTileBytes = 4 << 20;
 constexpr int64_t kColumnCapBytes = 32 << 20;
 // Own-GEMM path: images are batched into one tile until it has about this many columns.
 constexpr int64_t kTileCols = 1024;
-// Own-GEMM grad_input: rows of the column block (channels x kH x kW) one GEMM call produces.
-constexpr int64_t kColBlockRows = 256;
+// Own-GEMM grad_input: bytes of the column block one GEMM call produces (col2im then reads
+// it from L2), and the most columns (output positions) a tile may span.
+constexpr int64_t kColBlockBytes = 1 << 20;
+constexpr int64_t kGradInputMaxCols = 4096;
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -135,7 +149,7 @@ Tiles plan_input_tiles(const Conv2dShape& s, int64_t elem) {
 
 // Own-GEMM path: no column buffer bounds the tile, so a tile is a whole image, or several
 // small images; rows are split only to balance the threads.
-Tiles plan_gemm_tiles(int64_t batch, int64_t extent, int64_t plane) {
+[[maybe_unused]] Tiles plan_gemm_tiles(int64_t batch, int64_t extent, int64_t plane) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   Tiles t;
   t.extent = extent;
@@ -270,6 +284,35 @@ at::Tensor scratch(int64_t n, const at::Tensor& like) {
 // A [rows, cols] matrix view with leading dimension ld over a raw buffer of `like`'s dtype.
 at::Tensor mat(void* data, int64_t rows, int64_t cols, int64_t ld, const at::Tensor& like) {
   return at::from_blob(data, {rows, cols}, {ld, 1}, like.options());
+}
+
+// Stride 1 with padding <= the dilated kernel extent: grad_input is the forward convolution of
+// grad_output with the kernel transposed (per group) and flipped, padded by extent - padding.
+// That runs the forward's GEMM (reduction Og * kH * kW instead of Og) and needs no col2im.
+// Returns false (t untouched) when the rule does not apply.
+bool grad_input_as_forward_shape(const Conv2dShape& s, Conv2dShape& t) {
+  const int64_t ext_h = (s.kernel_h - 1) * s.dil_h, ext_w = (s.kernel_w - 1) * s.dil_w;
+  if (s.stride_h != 1 || s.stride_w != 1 || s.pad_h > ext_h || s.pad_w > ext_w) return false;
+  t = s;
+  t.in_channels = s.out_channels;
+  t.in_h = s.out_h;
+  t.in_w = s.out_w;
+  t.out_channels = s.in_channels;
+  t.out_h = s.in_h;
+  t.out_w = s.in_w;
+  t.pad_h = ext_h - s.pad_h;
+  t.pad_w = ext_w - s.pad_w;
+  return true;
+}
+
+// w[g * Og + o, c, i, j] -> wt[g * Cg + c, o, kH - 1 - i, kW - 1 - j]
+at::Tensor flipped_transposed_weight(const at::Tensor& weight, const Conv2dShape& s) {
+  const int64_t G = s.groups, Og = s.out_channels / G, Cg = s.in_channels / G;
+  return weight.view({G, Og, Cg, s.kernel_h, s.kernel_w})
+      .flip({3, 4})
+      .transpose(1, 2)
+      .contiguous()
+      .view({s.in_channels, Og, s.kernel_h, s.kernel_w});
 }
 
 // ---- at::mm back end -------------------------------------------------------------------
@@ -488,6 +531,7 @@ struct Band {
   int64_t image, first, last;
 };
 
+// Per-thread tables of im2col_block, reused from block to block.
 struct Im2colScratch {
   std::vector<Run> runs;
   std::vector<Band> bands;
@@ -718,7 +762,7 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
     at::Tensor tmp_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, out);
     T* cols = cols_buf.mutable_data_ptr<T>();
     T* tmp = tmp_buf.mutable_data_ptr<T>();
-    Im2colScratch runs;
+    Im2colScratch im2col_scratch;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = (tile / t.row_blocks) * t.nb;
       const int64_t nb = std::min(t.nb, N - n0);
@@ -729,8 +773,8 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
         const T* xg = x + (n0 * C + g * Cg) * HW;
         auto get_b = [&](int64_t k0, int64_t kc, int64_t c0, int64_t nc) -> gemm::BBlock<T> {
           if (in_place) return {xg + k0 * HW + oy0 * OW + c0, HW, gemm::nr<T>()};
-          im2col_block(xg, C * HW, oy0, oy1, k0, kc, c0, nc, cols, block_ld, s, runs, x,
-                       x + N * C * HW);
+          im2col_block(xg, C * HW, oy0, oy1, k0, kc, c0, nc, cols, block_ld, s, im2col_scratch,
+                       x, x + N * C * HW);
           return {cols, block_ld, gemm::nr<T>()};
         };
         T* dst = t.nb == 1 ? y + (n0 * O + g * Og) * L + oy0 * OW : tmp + g * Og * ncols;
@@ -750,20 +794,32 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
   const int64_t Og = O / G, Cg = C / G, KK = s.kernel_h * s.kernel_w, Kg = Cg * KK;
   const int64_t L = s.out_h * s.out_w, OW = s.out_w, HW = s.in_h * s.in_w;
   const bool pointwise = is_pointwise(s);
-  const Tiles t = plan_gemm_tiles(N, s.in_h, L);
+  const int64_t halo = div_up((s.kernel_h - 1) * s.dil_h, s.stride_h);
+  Tiles t = plan_gemm_tiles(N, s.in_h, L);
+  if (t.nb == 1) {
+    // Bound the columns of a tile (a block of input rows needs about rows / sH + halo
+    // output rows) so a column block stays small on large images.
+    const int64_t max_rows =
+        std::max<int64_t>(1, (kGradInputMaxCols / OW - halo - 1) * s.stride_h);
+    if (t.rows > max_rows) {
+      t.rows = max_rows;
+      t.row_blocks = div_up(s.in_h, t.rows);
+    }
+  }
   const at::Tensor packed_w = pack_weight<T>(weight, s, true);
   const int64_t a_size = gemm::packed_a_size(Kg, Og);
   const T* ap = packed_w.const_data_ptr<T>();
   const T* go = grad_output.const_data_ptr<T>();
   T* gi = grad_input.mutable_data_ptr<T>();
-  const int64_t halo = div_up((s.kernel_h - 1) * s.dil_h, s.stride_h);
   const int64_t max_out_rows =
       t.nb > 1 ? s.out_h : std::min(s.out_h, div_up(t.rows, s.stride_h) + halo + 1);
   const int64_t max_cols = t.nb * max_out_rows * OW;
-  // Channels per column block: a multiple of 8, so every block starts on an A panel (MR = 8).
-  const int64_t block_channels =
-      std::min(Cg, std::max<int64_t>(8, kColBlockRows / KK / 8 * 8));
+  // Channels per column block: as many as keep the block (channels x kH x kW rows by the
+  // tile's columns) within kColBlockBytes, so col2im reads it back from L2; a multiple of 8,
+  // so every block starts on an A panel (MR = 8).
   static_assert(gemm::kMR == 8, "block_channels assumes 8-row A panels");
+  const int64_t block_channels = std::min(
+      Cg, std::max<int64_t>(8, kColBlockBytes / (KK * max_cols * int64_t(sizeof(T))) / 8 * 8));
 
   at::parallel_for(0, t.count(), parallel_grain(O * Kg * max_cols),
                    [&](int64_t begin, int64_t end) {
@@ -946,6 +1002,12 @@ void im2col_forward(const at::Tensor& input, const at::Tensor& weight, const at:
 
 void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Conv2dShape& s) {
+  Conv2dShape t;
+  if (grad_input_as_forward_shape(s, t)) {
+    im2col_forward(grad_output, flipped_transposed_weight(weight, s), at::Tensor(), grad_input,
+                   t);
+    return;
+  }
   const auto st = grad_output.scalar_type();
   if (use_own_gemm(st)) {
     FASTCONV_DISPATCH_OWN_GEMM(
