@@ -111,7 +111,11 @@ def _want_cuda():
 def _extension(with_cuda):
     debug = _flag("DEBUG")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-fvisibility=hidden"]  # the C++ standard is torch's choice (C++17 or C++20)
+    # The C++ standard is torch's choice (C++17 or C++20). -fopenmp is required: at::parallel_for
+    # is an inline template over OpenMP in torch's headers and silently runs on one thread in
+    # code compiled without it. The shared libgomp.so.1 is the one torch has already loaded.
+    cxx = ["-fvisibility=hidden", "-fopenmp"]
+    ldflags = ["-fopenmp"]
     if debug:
         cxx += ["-O0", "-g"]
     else:
@@ -129,6 +133,7 @@ def _extension(with_cuda):
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=ldflags,
             define_macros=define_macros,
         )
 
@@ -155,6 +160,7 @@ def _extension(with_cuda):
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx + extra_inc, "nvcc": nvcc},
+        extra_link_args=ldflags,
         define_macros=define_macros,
     )
 

@@ -51,6 +51,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(mod, "with_cuda", 0);
 #endif
+#ifdef _OPENMP
+  PyModule_AddIntConstant(mod, "with_openmp", 1);  // at::parallel_for really runs in parallel
+#else
+  PyModule_AddIntConstant(mod, "with_openmp", 0);
+#endif
   PyModule_AddStringConstant(mod, "compiler", __VERSION__);
   return mod;
 }

@@ -48,6 +48,7 @@ def build_facts():
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "openmp": bool(getattr(fastconv._C, "with_openmp", 0)),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "kernels": kernels,

@@ -63,3 +63,11 @@ def test_double_backward_is_a_clear_error():
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         gx.sum().backward()
+
+
+def test_cpu_kernels_are_built_with_the_parallel_backend_of_torch():
+    # at::parallel_for is header code: without -fopenmp it compiles to a serial loop and every
+    # CPU kernel runs on one core, silently. Guard the build flag.
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch is not built with the OpenMP backend")
+    assert fastconv._C.with_openmp == 1
