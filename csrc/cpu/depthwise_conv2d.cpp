@@ -37,6 +37,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "common/checks.h"
 #include "common/shape.h"
 #include "cpu/kernels.h"
@@ -119,6 +123,63 @@ inline int64_t div_floor(int64_t a, int64_t b) {  // b > 0
 inline int64_t div_ceil(int64_t a, int64_t b) { return -div_floor(-a, b); }
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
+// Software prefetch of memory a kernel will read next (the next plane or image row) while it
+// computes on the current one: the hardware prefetchers follow a stream only while it is being
+// read, and these kernels alternate short copy bursts with long compute phases, so without
+// this every burst would wait for DRAM. The empty asm keeps GCC from deeming the function pure
+// (__builtin_prefetch has no side effects of its own) and deleting calls to it.
+inline void prefetch_slice(const char* b, int64_t bytes, int64_t i, int64_t n) {
+  if (b == nullptr || n <= 0) return;
+  const int64_t chunk = (bytes / n + 64) & ~int64_t(63);
+  const int64_t end = std::min(bytes, (i + 1) * chunk);
+  for (int64_t o = i * chunk; o < end; o += 64) {
+    __builtin_prefetch(b + o, 0, 2);
+    asm volatile("");
+  }
+}
+
+// Up to two byte ranges; part(i, n) prefetches the i-th of n slices of each, so a kernel can
+// spread the prefetches over its rows or tiles.
+struct Prefetch {
+  const char* base[2] = {nullptr, nullptr};
+  int64_t bytes[2] = {0, 0};
+  Prefetch() = default;
+  template <typename T>
+  Prefetch(const T* p, int64_t count) {
+    add(p, count);
+  }
+  template <typename T>
+  Prefetch& add(const T* p, int64_t count) {
+    const int i = base[0] == nullptr ? 0 : 1;
+    base[i] = reinterpret_cast<const char*>(p);
+    bytes[i] = count * static_cast<int64_t>(sizeof(T));
+    return *this;
+  }
+  void part(int64_t i, int64_t n) const {
+    prefetch_slice(base[0], bytes[0], i, n);
+    prefetch_slice(base[1], bytes[1], i, n);
+  }
+};
+
+// Prefetches [b, b + bytes) a few lines per next() call, spread evenly over `steps` calls: a
+// kernel calls it once per inner iteration so the requests trickle out alongside its FMAs
+// instead of queueing up behind each other in one burst.
+struct PrefetchStream {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t per = 0;
+  PrefetchStream() = default;
+  PrefetchStream(const char* b, int64_t bytes, int64_t steps)
+      : p(b), end(b + bytes), per(steps > 0 ? ((bytes / steps + 63) & ~int64_t(63)) + 64 : 0) {}
+  void next() {
+    const char* e = std::min(end, p + per);
+    for (; p < e; p += 64) {
+      __builtin_prefetch(p, 0, 2);
+      asm volatile("");
+    }
+  }
+};
+
 template <typename acc_t, typename scalar_t>
 std::vector<acc_t> to_acc_vector(const Tensor& t) {
   const Tensor c = t.contiguous();
@@ -188,7 +249,7 @@ void fill_plane(const scalar_t* src, int64_t H, int64_t W, const PlaneBuf& b, ac
 template <int KH, int KW, bool UNIT, bool ACCUM, typename T>
 void conv_rows_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs,
                     int64_t nkh, const int64_t* colofs, int64_t nkw, const T* wts, T init, T* out,
-                    int64_t out_pitch, int64_t rows, int64_t cols) {
+                    int64_t out_pitch, int64_t rows, int64_t cols, const Prefetch& pf) {
   constexpr int V = kLanes<T>;
   using vec = vec_t<T, V>;
   constexpr bool kFixed = KH > 0;
@@ -239,6 +300,7 @@ void conv_rows_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t
   using I2 = std::integral_constant<int, 2>;
 
   for (int64_t r = 0; r < rows; ++r) {
+    pf.part(r, rows);
     for (int64_t kh = 0; kh < nh; ++kh) rp[kh] = buf + (r * row_step + rowofs[kh]) * pitch + colofs[0];
     T* o = out + r * out_pitch;
     int64_t j = 0;
@@ -283,11 +345,11 @@ inline bool unit_cols(const int64_t* colofs, int64_t nkw) {
 template <bool ACCUM, typename T>
 void conv_rows(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs, int64_t nkh,
                const int64_t* colofs, int64_t nkw, const T* wts, T init, T* out,
-               int64_t out_pitch, int64_t rows, int64_t cols) {
+               int64_t out_pitch, int64_t rows, int64_t cols, const Prefetch& pf = Prefetch()) {
   const bool unit = unit_cols(colofs, nkw);
 #define FC_CALL(KH_, KW_, UNIT_)                                                              \
   conv_rows_impl<KH_, KW_, UNIT_, ACCUM>(buf, pitch, row_step, rowofs, nkh, colofs, nkw, wts, \
-                                         init, out, out_pitch, rows, cols)
+                                         init, out, out_pitch, rows, cols, pf)
 #define FC_FIXED(K)             \
   if (nkh == K && nkw == K) {   \
     if (unit)                   \
@@ -351,6 +413,7 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n = p / C, c = p % C;
       fill_plane(x + p * H * W, H, W, b, buf.data());
+      const Prefetch next = p + 1 < end ? Prefetch(x + (p + 1) * H * W, H * W) : Prefetch();
       for (int64_t k = 0; k < m; ++k) {
         const int64_t oc = c * m + k;
         scalar_t* yp = y + (n * OC + oc) * OH * OW;
@@ -362,7 +425,7 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
         }
         conv_rows<false>(buf.data(), b.pitch, s.stride_h, rowofs.data(), s.kernel_h,
                          colofs.data(), s.kernel_w, wts.data() + oc * K2, bvec[oc], dst, OW, OH,
-                         OW);
+                         OW, k == 0 ? next : Prefetch());
         if constexpr (!kSame) {
           for (int64_t i = 0; i < OH * OW; ++i) yp[i] = static_cast<scalar_t>(tmp[i]);
         }
@@ -457,6 +520,13 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
       for (int64_t k = 0; k < m; ++k) {
         const int64_t oc = c * m + k;
         fill_plane(go + (n * OC + oc) * OH * OW, OH, OW, b, buf.data());
+        // the next grad_output plane: (n, oc + 1) unless this task ends here
+        const Prefetch next = k + 1 < m || p + 1 < end
+                                  ? Prefetch(go + (n * OC + oc + 1) * OH * OW, OH * OW)
+                                  : Prefetch();
+        if (!direct) {
+          for (int64_t i = 0; i < 4; ++i) next.part(i, 4);
+        }
         const acc_t* w = wts.data() + oc * K2;
         for (int64_t a = 0; a < static_cast<int64_t>(ph_h.size()); ++a) {
           for (int64_t e = 0; e < static_cast<int64_t>(ph_w.size()); ++e) {
@@ -480,10 +550,10 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
             if (direct) {
               if (k == 0)
                 conv_rows<false>(buf.data(), b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
-                                 wph.data(), acc_t(0), dst, W, H, W);
+                                 wph.data(), acc_t(0), dst, W, H, W, next);
               else
                 conv_rows<true>(buf.data(), b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
-                                wph.data(), acc_t(0), dst, W, H, W);
+                                wph.data(), acc_t(0), dst, W, H, W, next);
               continue;
             }
             conv_rows<false>(buf.data(), b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
@@ -520,7 +590,7 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
 template <int KH, int KW, bool UNIT, typename T>
 void gw_plane_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs,
                    int64_t nkh, const int64_t* colofs, int64_t nkw, const T* g, int64_t rows,
-                   int64_t cols, T* accv) {
+                   int64_t cols, T* accv, const Prefetch& pf) {
   constexpr int V = kLanes<T>;
   using vec = vec_t<T, V>;
   constexpr bool kFixed = KH > 0;
@@ -541,6 +611,7 @@ void gw_plane_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t*
         ah[q] = hvec{};
       }
       for (int64_t r = 0; r < rows; ++r) {
+        if (kh == 0 && kw0 == 0) pf.part(r, rows);
         const T* xr = buf + (r * row_step + rowofs[kh]) * pitch + (UNIT ? colofs[0] : 0);
         const T* gr = g + r * cols;
         int64_t j = 0;
@@ -585,10 +656,11 @@ void gw_plane_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t*
 template <typename T>
 void gw_plane(const T* buf, int64_t pitch, int64_t row_step, const int64_t* rowofs, int64_t nkh,
               const int64_t* colofs, int64_t nkw, const T* g, int64_t rows, int64_t cols,
-              T* accv) {
+              T* accv, const Prefetch& pf) {
   const bool unit = unit_cols(colofs, nkw);
-#define FC_CALL(KH_, KW_, UNIT_) \
-  gw_plane_impl<KH_, KW_, UNIT_>(buf, pitch, row_step, rowofs, nkh, colofs, nkw, g, rows, cols, accv)
+#define FC_CALL(KH_, KW_, UNIT_)                                                               \
+  gw_plane_impl<KH_, KW_, UNIT_>(buf, pitch, row_step, rowofs, nkh, colofs, nkw, g, rows, cols, \
+                                 accv, pf)
 #define FC_FIXED(K)           \
   if (nkh == K && nkw == K) { \
     if (unit)                 \
@@ -648,8 +720,16 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
             for (int64_t i = 0; i < OH * OW; ++i) gbuf[i] = static_cast<acc_t>(gp[i]);
             g = gbuf.data();
           }
+          // next: this n's next grad_output plane, else the next input plane
+          Prefetch next;
+          if (k + 1 < m) {
+            next.add(gp + OH * OW, OH * OW);
+          } else if (n + 1 < n1) {
+            next.add(x + ((n + 1) * C + c) * H * W, H * W);
+            next.add(go + ((n + 1) * OC + c * m) * OH * OW, OH * OW);
+          }
           gw_plane(buf.data(), b.pitch, s.stride_h, rowofs.data(), s.kernel_h, colofs.data(),
-                   s.kernel_w, g, OH, OW, accv.data() + k * K2 * V);
+                   s.kernel_w, g, OH, OW, accv.data() + k * K2 * V, next);
         }
       }
       for (int64_t k = 0; k < m; ++k) {
@@ -671,12 +751,12 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
 }
 
 // ============================================================================================
-// NHWC (channels_last): channel-vector kernels
+// NHWC (channels_last): channel-vector kernels over zero-padded row caches
 // ============================================================================================
 
 struct NhwcShape {
   int64_t C, H, W, m, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
-  int64_t ow_a, ow_b;  // output columns whose whole kernel row lies inside the input
+  bool nt = false;  // streaming stores for the output
 };
 
 inline NhwcShape nhwc_shape(const Conv2dShape& s) {
@@ -695,21 +775,10 @@ inline NhwcShape nhwc_shape(const Conv2dShape& s) {
   a.pw = s.pad_w;
   a.dh = s.dil_h;
   a.dw = s.dil_w;
-  a.ow_a = clamp64(div_ceil(a.pw, a.sw), 0, a.OW);
-  a.ow_b = clamp64(div_floor(a.W - 1 - (a.KW - 1) * a.dw + a.pw, a.sw) + 1, a.ow_a, a.OW);
   return a;
 }
 
-// Weights (C * m, 1, KH, KW) -> (m, KH * KW, C) so a channel block of one tap is contiguous.
-template <typename acc_t, typename scalar_t>
-std::vector<acc_t> nhwc_weights(const Tensor& weight, int64_t C, int64_t m, int64_t K2) {
-  const auto w = to_acc_vector<acc_t, scalar_t>(weight);
-  std::vector<acc_t> wt(static_cast<size_t>(m * K2 * C));
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < m; ++k)
-      for (int64_t t = 0; t < K2; ++t) wt[(k * K2 + t) * C + c] = w[(c * m + k) * K2 + t];
-  return wt;
-}
+
 
 // Calls f(V-constant, c0) over the channel blocks [c0, c0 + V) covering [0, C): full vectors,
 // then one half vector, then single channels.
@@ -721,6 +790,42 @@ inline void for_channel_blocks(int64_t C, F&& f) {
     for (; c0 + V / 2 <= C; c0 += V / 2) f(std::integral_constant<int, V / 2>(), c0);
   }
   for (; c0 < C; ++c0) f(std::integral_constant<int, 1>(), c0);
+}
+
+// Weights (C * m, 1, KH, KW) regrouped per multiplier index k and channel block
+// [c0, c0 + Vb) as (KH * KW, Vb) at nhwc_wblock(k, c0): one block's taps are one contiguous run.
+inline int64_t nhwc_wblock(int64_t k, int64_t c0, int64_t C, int64_t K2) {
+  return (k * C + c0) * K2;
+}
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> nhwc_weights(const Tensor& weight, int64_t C, int64_t m, int64_t K2) {
+  const auto w = to_acc_vector<acc_t, scalar_t>(weight);
+  std::vector<acc_t> wt(static_cast<size_t>(m * K2 * C));
+  for (int64_t k = 0; k < m; ++k) {
+    for_channel_blocks<kLanes<acc_t>>(C, [&](auto v, int64_t c0) {
+      constexpr int Vb = decltype(v)::value;
+      for (int64_t t = 0; t < K2; ++t)
+        for (int l = 0; l < Vb; ++l)
+          wt[nhwc_wblock(k, c0, C, K2) + t * Vb + l] = w[((c0 + l) * m + k) * K2 + t];
+    });
+  }
+  return wt;
+}
+
+inline void nt_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// Outputs at least this large are written with streaming stores (see vstore_from).
+constexpr int64_t kStreamingStoreBytes = int64_t(8) << 20;
+
+template <int L>
+inline int64_t count_channel_blocks(int64_t C) {
+  int64_t n = 0;
+  for_channel_blocks<L>(C, [&](auto, int64_t) { ++n; });
+  return n;
 }
 
 // Loads V elements as accumulation-type lanes (bfloat16 widened to float) and stores them back.
@@ -737,127 +842,273 @@ inline auto vload_acc(const S* p) {
     return vload<V>(p);
   }
 }
+// nt: a non-temporal (streaming) store when the vector is one aligned 64-byte line. Outputs
+// much larger than the caches are then written without each line first being read in
+// (read-for-ownership) and without evicting the inputs still in use; callers end such a
+// pass with nt_fence().
 template <typename A, int V, typename S>
-inline void vstore_from(S* p, const vec_t<A, V>& v) {
+inline void vstore_from(S* p, const vec_t<A, V>& v, bool nt = false) {
   if constexpr (std::is_same<S, A>::value) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(S) * V == 64) {
+      if (nt && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+        if constexpr (std::is_same<S, float>::value) {
+          _mm512_stream_ps(p, (__m512)v);
+        } else {
+          _mm512_stream_pd(p, (__m512d)v);
+        }
+        return;
+      }
+    }
+#endif
     vstore<V>(p, v);
   } else {
     for (int l = 0; l < V; ++l) p[l] = static_cast<S>(v[l]);
   }
 }
 
-// Forward, NHWC, one output row (n, oh), one multiplier index k, channels [c0, c0 + V).
-// Loop: output pixels, taps, V channels as one vector. Interior pixels (whole window inside
-// the input) of the compiled sizes go two at a time with the weights in registers and the
-// taps addressed as row offset + column offset from one base pointer; border pixels and
-// runtime sizes check each tap (a branch per tap amortised over V channels). Bound: L1 loads
-// (one input vector per FMA) and, for k = 3, DRAM bandwidth.
-template <int KH_, int KW_, int V, typename scalar_t, typename acc_t>
-void fwd_nhwc_block(const NhwcShape& a, const scalar_t* xn, const acc_t* wk, const acc_t* bk,
-                    scalar_t* yrow, int64_t k, int64_t c0, int64_t oh) {
-  using vec = vec_t<acc_t, V>;
-  constexpr bool kFixed = KH_ > 0;
-  const int64_t KH = kFixed ? KH_ : a.KH, KW = kFixed ? KW_ : a.KW;
-  const int64_t C = a.C, W = a.W, OCk = a.m * a.C;
-  const vec bv = vload<V>(bk + c0);
-  const int64_t ih0 = oh * a.sh - a.ph;
-  const bool row_full = ih0 >= 0 && ih0 + (KH - 1) * a.dh < a.H;
-  scalar_t* ybase = yrow + k * C + c0;
-  auto checked = [&](int64_t ow_begin, int64_t ow_end) {
-    for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-      vec acc = bv;
-      const int64_t iw0 = ow * a.sw - a.pw;
-      for (int64_t kh = 0; kh < KH; ++kh) {
-        const int64_t ih = ih0 + kh * a.dh;
-        if (ih < 0 || ih >= a.H) continue;
-        for (int64_t kw = 0; kw < KW; ++kw) {
-          const int64_t iw = iw0 + kw * a.dw;
-          if (iw < 0 || iw >= W) continue;
-          acc += vload<V>(wk + (kh * KW + kw) * C + c0) *
-                 vload_acc<V>(xn + (ih * W + iw) * C + c0);
-        }
-      }
-      vstore_from<acc_t, V>(ybase + ow * OCk, acc);
-    }
-  };
-  if (!row_full || a.ow_a >= a.ow_b) {
-    checked(0, a.OW);
-    return;
+// Rows of one NHWC image (rows x cols x groups * C channels), each copied once into a
+// zero-padded accumulation-type row (lpad zero pixels, the row, rpad zero pixels) stored
+// channel-block-major: for each group g and channel block [c0, c0 + Vb) (the blocks of
+// for_channel_blocks) the padded pixels of that block lie contiguously, Vb channels each, at
+// g * group_pitch() + block_offset(c0) + pixel * Vb. So a kernel working on one channel block
+// steps Vb elements per pixel and its taps are constant offsets (kw * dw * Vb), and it never
+// tests a tap against the border. Rows outside the image read a shared all-zero row.
+// The cache holds `window + step` rows: the rows one kernel window spans plus the rows it
+// advances by, so while the kernels work on the current window the rows of the next one can
+// be copied in slices (fill_ahead) between their tiles. That keeps the DRAM stream of the
+// image busy during the compute instead of stalling on it at the start of every output row.
+template <typename acc_t>
+class RowCache {
+ public:
+  RowCache(int64_t rows, int64_t cols, int64_t channels, int64_t groups, int64_t lpad,
+           int64_t rpad, int64_t window, int64_t step)
+      : rows_(rows), cols_(cols), ch_(channels), groups_(groups), lpad_(lpad),
+        wp_(lpad + cols + rpad), pitch_(wp_ * channels * groups), slots_(window + step),
+        data_(static_cast<size_t>(slots_ * pitch_ + 32), acc_t(0)),
+        zero_(static_cast<size_t>(pitch_ + 32), acc_t(0)),
+        tag_(static_cast<size_t>(slots_), -1), done_(static_cast<size_t>(slots_), 0),
+        base_(align64(data_.data())), zbase_(align64(zero_.data())) {}
+
+  int64_t block_offset(int64_t c0) const { return wp_ * c0; }
+  int64_t group_pitch() const { return wp_ * ch_; }
+
+  // Row r of image `image` (numbered image_id), complete.
+  template <typename scalar_t>
+  const acc_t* row(const scalar_t* image, int64_t image_id, int64_t r) {
+    if (r < 0 || r >= rows_) return zbase_;
+    return fill(image, image_id, r, cols_);
   }
-  checked(0, a.ow_a);
-  const scalar_t* xbase = xn + ih0 * W * C + c0;
-  const int64_t step = a.sw * C;
-  if constexpr (kFixed) {
+
+  // Copies slice i of n of row r now and prefetches slice i + 1. Only for rows of the next
+  // window of the same image, whose slots the current window does not use.
+  template <typename scalar_t>
+  void fill_ahead(const scalar_t* image, int64_t image_id, int64_t r, int64_t i, int64_t n) {
+    if (r < 0 || r >= rows_) return;
+    const int64_t p1 = cols_ * (i + 1) / n, p2 = cols_ * std::min(i + 2, n) / n;
+    fill(image, image_id, r, p1);
+    const int64_t ctot = groups_ * ch_;
+    const scalar_t* src = image + r * cols_ * ctot;
+    prefetch_slice(reinterpret_cast<const char*>(src + p1 * ctot),
+                   (p2 - p1) * ctot * static_cast<int64_t>(sizeof(scalar_t)), 0, 1);
+  }
+
+ private:
+  // Makes pixels [0, upto) of row r present in its slot.
+  template <typename scalar_t>
+  acc_t* fill(const scalar_t* image, int64_t image_id, int64_t r, int64_t upto) {
+    const int64_t slot = r % slots_;
+    acc_t* dst = base_ + slot * pitch_;
+    const int64_t tag = image_id * rows_ + r;
+    if (tag_[slot] != tag) {
+      tag_[slot] = tag;
+      done_[slot] = 0;
+    }
+    const int64_t ctot = groups_ * ch_;
+    const scalar_t* src = image + r * cols_ * ctot;
+    // pixel-major so the image row streams through once, in address order
+    for (int64_t p = done_[slot]; p < upto; ++p) {
+      for (int64_t g = 0; g < groups_; ++g) {
+        const scalar_t* sp = src + p * ctot + g * ch_;
+        acc_t* dg = dst + g * group_pitch();
+        for_channel_blocks<kLanes<acc_t>>(ch_, [&](auto v, int64_t c0) {
+          constexpr int Vb = decltype(v)::value;
+          acc_t* d = dg + block_offset(c0) + (lpad_ + p) * Vb;
+          for (int l = 0; l < Vb; ++l) d[l] = static_cast<acc_t>(sp[c0 + l]);
+        });
+      }
+    }
+    done_[slot] = std::max(done_[slot], upto);
+    return dst;
+  }
+
+  // vector loads of a channel block then never straddle two cache lines (when pitch and block
+  // offsets are multiples of 64 bytes, as they are for C % 16 == 0)
+  static acc_t* align64(acc_t* p) {
+    return reinterpret_cast<acc_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  }
+
+  int64_t rows_, cols_, ch_, groups_, lpad_, wp_, pitch_, slots_;
+  std::vector<acc_t> data_, zero_;
+  std::vector<int64_t> tag_, done_;
+  acc_t* base_;
+  acc_t* zbase_;
+};
+
+// Forward, NHWC: output pixels [ow0, ow1) of one row, multiplier index k, channels
+// [c0, c0 + V). rp[kh] is the cached padded input row of kernel row kh and `blk` the offset of
+// this channel block in it, so output pixel ow, tap (kh, kw) reads the V channels at
+// rp[kh] + blk + (ow * sw + kw * dw) * V: no border test, and with dw == 1 (UNIT) the tap
+// offsets are compile-time constants. Compiled sizes keep the KH * KW weight vectors in
+// registers (spilling for 7x7) and do two pixels at a time (two FMA chains sharing each
+// weight); runtime sizes loop over the taps. Bound: L1 loads / FMA issue (one input vector per
+// FMA); for k = 3 close to DRAM bandwidth.
+template <int KH_, int KW_, bool UNIT, int V, typename acc_t, typename scalar_t>
+void fwd_nhwc_tile(const NhwcShape& a, const acc_t* const* rp, int64_t blk, const acc_t* wb,
+                   const acc_t* bk, scalar_t* ybase, int64_t c0, int64_t ow0, int64_t ow1,
+                   PrefetchStream& ps) {
+  using vec = vec_t<acc_t, V>;
+  const int64_t OCk = a.m * a.C, step = a.sw * V;
+  const int64_t cs = UNIT ? V : a.dw * V;  // elements between neighbouring kernel columns
+  const vec bv = vload<V>(bk + c0);
+  if constexpr (KH_ > 0) {
     vec wv[KH_ * KW_];
-    int64_t roff[KH_], coff[KW_];
-    for (int t = 0; t < KH_ * KW_; ++t) wv[t] = vload<V>(wk + t * C + c0);
-    for (int kh = 0; kh < KH_; ++kh) roff[kh] = kh * a.dh * W * C;
-    for (int kw = 0; kw < KW_; ++kw) coff[kw] = kw * a.dw * C;
-    int64_t ow = a.ow_a;
-    for (; ow + 1 < a.ow_b; ow += 2) {
+    const acc_t* r0[KH_];
+    for (int t = 0; t < KH_ * KW_; ++t) wv[t] = vload<V>(wb + t * V);
+    for (int kh = 0; kh < KH_; ++kh) r0[kh] = rp[kh] + blk;
+    int64_t ow = ow0;
+    if (UNIT && a.sw == 1) {
+      // Four pixels at a time: neighbouring pixels share input columns (pixel p, tap kw reads
+      // column p + kw), so each kernel row loads its 3 + KW columns once for 4 * KW FMAs.
+      constexpr int P = 4;
+      for (; ow + P <= ow1; ow += P) {
+        ps.next();
+        vec acc[P];
+        for (int p = 0; p < P; ++p) acc[p] = bv;
+        FC_UNROLL
+        for (int kh = 0; kh < KH_; ++kh) {
+          const acc_t* r = r0[kh] + ow * V;
+          vec col[P + KW_ - 1];
+          FC_UNROLL
+          for (int i = 0; i < P + KW_ - 1; ++i) col[i] = vload<V>(r + i * V);
+          FC_UNROLL
+          for (int kw = 0; kw < KW_; ++kw) {
+            FC_UNROLL
+            for (int p = 0; p < P; ++p) acc[p] += wv[kh * KW_ + kw] * col[p + kw];
+          }
+        }
+        for (int p = 0; p < P; ++p) vstore_from<acc_t, V>(ybase + (ow + p) * OCk, acc[p], a.nt);
+      }
+    }
+    for (; ow + 1 < ow1; ow += 2) {
+      ps.next();
       vec acc0 = bv, acc1 = bv;
-      const scalar_t* xp = xbase + (ow * a.sw - a.pw) * C;
       FC_UNROLL
       for (int kh = 0; kh < KH_; ++kh) {
-        const scalar_t* xr = xp + roff[kh];
+        const acc_t* r = r0[kh] + ow * step;
         FC_UNROLL
         for (int kw = 0; kw < KW_; ++kw) {
-          acc0 += wv[kh * KW_ + kw] * vload_acc<V>(xr + coff[kw]);
-          acc1 += wv[kh * KW_ + kw] * vload_acc<V>(xr + coff[kw] + step);
+          const acc_t* q = r + kw * (UNIT ? V : cs);
+          acc0 += wv[kh * KW_ + kw] * vload<V>(q);
+          acc1 += wv[kh * KW_ + kw] * vload<V>(q + step);
         }
       }
-      vstore_from<acc_t, V>(ybase + ow * OCk, acc0);
-      vstore_from<acc_t, V>(ybase + (ow + 1) * OCk, acc1);
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc0, a.nt);
+      vstore_from<acc_t, V>(ybase + (ow + 1) * OCk, acc1, a.nt);
     }
-    if (ow < a.ow_b) {
+    if (ow < ow1) {
       vec acc = bv;
-      const scalar_t* xp = xbase + (ow * a.sw - a.pw) * C;
       FC_UNROLL
       for (int kh = 0; kh < KH_; ++kh) {
+        const acc_t* r = r0[kh] + ow * step;
         FC_UNROLL
-        for (int kw = 0; kw < KW_; ++kw) acc += wv[kh * KW_ + kw] * vload_acc<V>(xp + roff[kh] + coff[kw]);
+        for (int kw = 0; kw < KW_; ++kw)
+          acc += wv[kh * KW_ + kw] * vload<V>(r + kw * (UNIT ? V : cs));
       }
-      vstore_from<acc_t, V>(ybase + ow * OCk, acc);
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc, a.nt);
     }
   } else {
-    for (int64_t ow = a.ow_a; ow < a.ow_b; ++ow) {
+    for (int64_t ow = ow0; ow < ow1; ++ow) {
+      ps.next();
       vec acc = bv;
-      const scalar_t* xp = xbase + (ow * a.sw - a.pw) * C;
-      for (int64_t kh = 0; kh < KH; ++kh) {
-        const scalar_t* xr = xp + kh * a.dh * W * C;
-        const acc_t* wr = wk + kh * KW * C + c0;
-        for (int64_t kw = 0; kw < KW; ++kw)
-          acc += vload<V>(wr + kw * C) * vload_acc<V>(xr + kw * a.dw * C);
+      for (int64_t kh = 0; kh < a.KH; ++kh) {
+        const acc_t* r = rp[kh] + blk + ow * step;
+        const acc_t* wr = wb + kh * a.KW * V;
+        for (int64_t kw = 0; kw < a.KW; ++kw) acc += vload<V>(wr + kw * V) * vload<V>(r + kw * cs);
       }
-      vstore_from<acc_t, V>(ybase + ow * OCk, acc);
+      vstore_from<acc_t, V>(ybase + ow * OCk, acc, a.nt);
     }
   }
-  checked(a.ow_b, a.OW);
 }
 
+// A prefetch stream over image rows [r0, r1] (clamped to the image), spread over `steps`.
+template <typename scalar_t>
+PrefetchStream row_stream(const scalar_t* image, int64_t rows, int64_t row_elems, int64_t r0,
+                          int64_t r1, int64_t steps) {
+  r0 = std::max<int64_t>(r0, 0);
+  r1 = std::min<int64_t>(r1, rows - 1);
+  if (r0 > r1) return PrefetchStream();
+  return PrefetchStream(reinterpret_cast<const char*>(image + r0 * row_elems),
+                        (r1 - r0 + 1) * row_elems * static_cast<int64_t>(sizeof(scalar_t)), steps);
+}
+
+// Calls f(V-constant, UNIT-constant, c0) for each channel block; UNIT = (dilation_w == 1).
+template <int L, typename F>
+inline void for_channel_blocks_unit(int64_t C, bool unit, F&& f) {
+  for_channel_blocks<L>(C, [&](auto v, int64_t c0) {
+    if (unit)
+      f(v, std::true_type(), c0);
+    else
+      f(v, std::false_type(), c0);
+  });
+}
+
+// Task = a contiguous range of output rows (n, oh); each thread keeps a padded-row cache of
+// the input. Per row: pixel tiles, then multiplier index k, then channel blocks.
 template <int KH, int KW, typename scalar_t>
 void forward_nhwc_impl(const NhwcShape& a, int64_t batch, const scalar_t* x,
                        const std::vector<typename AccOf<scalar_t>::type>& wt,
                        const std::vector<typename AccOf<scalar_t>::type>& bt, scalar_t* y) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t K2 = a.KH * a.KW, OCk = a.m * a.C;
+  const int64_t rpad =
+      std::max<int64_t>(0, (a.OW - 1) * a.sw + (a.KW - 1) * a.dw + 1 - a.pw - a.W);
   at::parallel_for(0, batch * a.OH, 1, [&](int64_t begin, int64_t end) {
+    RowCache<acc_t> cache(a.H, a.W, a.C, 1, a.pw, rpad, (a.KH - 1) * a.dh + 1, a.sh);
+    std::vector<const acc_t*> rp(a.KH);
+    const int64_t nb = count_channel_blocks<kLanes<acc_t>>(a.C);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / a.OH, oh = row % a.OH;
       const scalar_t* xn = x + n * a.H * a.W * a.C;
+      for (int64_t kh = 0; kh < a.KH; ++kh)
+        rp[kh] = cache.row(xn, n, oh * a.sh - a.ph + kh * a.dh);
+      // the next output row's new input rows are copied into the cache in slices between
+      // the channel blocks; the rows after them are prefetched a few lines per pixel pair
+      const bool ahead = row + 1 < end && oh + 1 < a.OH;
+      PrefetchStream ps;
+      if (row + 2 < end && oh + 2 < a.OH) {
+        const int64_t last1 = (oh + 1) * a.sh - a.ph + (a.KH - 1) * a.dh;
+        ps = row_stream(xn, a.H, a.W * a.C, last1 + 1, last1 + a.sh, nb * div_ceil(a.OW, 2));
+      }
       scalar_t* yrow = y + row * a.OW * OCk;
       for (int64_t k = 0; k < a.m; ++k) {
-        const acc_t* wk = wt.data() + k * K2 * a.C;
         const acc_t* bk = bt.data() + k * a.C;
-        for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
-          fwd_nhwc_block<KH, KW, decltype(v)::value>(a, xn, wk, bk, yrow, k, c0, oh);
+        int64_t bi = 0;
+        for_channel_blocks_unit<kLanes<acc_t>>(a.C, a.dw == 1, [&](auto v, auto unit, int64_t c0) {
+          for (int64_t kh = 0; ahead && k == 0 && kh < a.KH; ++kh)
+            cache.fill_ahead(xn, n, (oh + 1) * a.sh - a.ph + kh * a.dh, bi, nb);
+          ++bi;
+          fwd_nhwc_tile<KH, KW, decltype(unit)::value, decltype(v)::value>(
+              a, rp.data(), cache.block_offset(c0), wt.data() + nhwc_wblock(k, c0, a.C, K2), bk,
+              yrow + k * a.C + c0, c0, 0, a.OW, ps);
         });
       }
     }
+    nt_fence();
   });
 }
 
-// Runs F<KH, KW>() for the compiled square sizes, F<0, 0>() otherwise.
+// Runs F<KH, KW>::run() for the compiled square sizes, F<0, 0>::run() otherwise.
 template <template <int, int> class F, typename... Args>
 void dispatch_kernel_size(int64_t kh, int64_t kw, Args&&... args) {
   if (kh == kw && kh == 3) return F<3, 3>::run(std::forward<Args>(args)...);
@@ -885,7 +1136,8 @@ template <typename scalar_t>
 void forward_nhwc(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                   Tensor& out, const Conv2dShape& s) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const NhwcShape a = nhwc_shape(s);
+  NhwcShape a = nhwc_shape(s);
+  a.nt = a.m == 1 && out.nbytes() >= static_cast<size_t>(kStreamingStoreBytes);
   const int64_t K2 = a.KH * a.KW;
   const auto wt = nhwc_weights<acc_t, scalar_t>(weight, a.C, a.m, K2);
   const auto b = bias_vector<acc_t, scalar_t>(bias, s.out_channels);
@@ -926,72 +1178,97 @@ inline TapList gather_taps(int64_t in, int64_t out, int64_t k, int64_t stride, i
   return L;
 }
 
-// grad_input, NHWC, one input row (n, ih), channels [c0, c0 + V): for each input pixel, sum
-// grad_output * w over the (tap, output) pairs that reach it. With stride 1, m == 1 and the
-// whole window inside grad_output, the compiled sizes go two pixels at a time with the
-// weights in registers; otherwise the precomputed gather lists drive the loop (no divisions in
-// the pixel loop). Bound: L1 loads (one grad_output vector per FMA).
-template <int KH_, int KW_, int V, typename scalar_t, typename acc_t>
-void gi_nhwc_block(const NhwcShape& a, const TapList& lh, const TapList& lw,
-                   const scalar_t* gon, const acc_t* wt, scalar_t* girow, int64_t c0,
-                   int64_t ih) {
+// grad_input, NHWC, stride 1: input pixels [iw0, iw1) of one row, channels [c0, c0 + V).
+// rp[kh] is the cached padded grad_output row ih + ph - kh * dh (one group of C channels per
+// multiplier index k) and `blk` this channel block's offset, so input pixel iw gathers tap
+// (kh, kw) from padded column iw + pw - kw * dw + lpad, never out of range. m == 1 with a
+// compiled size: weights in registers, two pixels at a time; otherwise the multiplier and tap
+// loops run at runtime. Bound: L1 loads / FMA issue.
+template <int KH_, int KW_, bool UNIT, int V, typename acc_t, typename scalar_t>
+void gi_nhwc_tile(const NhwcShape& a, const acc_t* const* rp, int64_t blk, int64_t gpitch,
+                  const acc_t* wt, scalar_t* dbase, int64_t c0, int64_t lpad, int64_t iw0,
+                  int64_t iw1, PrefetchStream& ps) {
   using vec = vec_t<acc_t, V>;
-  constexpr bool kFixed = KH_ > 0;
-  const int64_t KW = a.KW, K2 = a.KH * a.KW, C = a.C, OW = a.OW, OCk = a.m * a.C;
-  const int64_t h0 = lh.start[ih], h1 = lh.start[ih + 1];
-  scalar_t* dbase = girow + c0;
-  auto gathered = [&](int64_t iw_begin, int64_t iw_end) {
-    for (int64_t iw = iw_begin; iw < iw_end; ++iw) {
-      vec acc{};
-      const int64_t w0 = lw.start[iw], w1 = lw.start[iw + 1];
-      for (int64_t hi = h0; hi < h1; ++hi) {
-        const int64_t kh = lh.tap[hi], oh = lh.pos[hi];
-        for (int64_t wi = w0; wi < w1; ++wi) {
-          const int64_t kw = lw.tap[wi], ow = lw.pos[wi];
-          const scalar_t* gp = gon + (oh * OW + ow) * OCk + c0;
-          const acc_t* wp = wt + (kh * KW + kw) * C + c0;
-          for (int64_t k = 0; k < a.m; ++k)
-            acc += vload<V>(wp + k * K2 * C) * vload_acc<V>(gp + k * C);
-        }
-      }
-      vstore_from<acc_t, V>(dbase + iw * C, acc);
-    }
-  };
-  const int64_t oh0 = ih + a.ph;  // stride 1: tap kh reads grad_output row oh0 - kh * dh
-  const bool fast = kFixed && a.sh == 1 && a.sw == 1 && a.m == 1 &&
-                    oh0 - (a.KH - 1) * a.dh >= 0 && oh0 < a.OH;
-  const int64_t iw_a = clamp64((a.KW - 1) * a.dw - a.pw, 0, a.W);
-  const int64_t iw_b = clamp64(OW - a.pw, iw_a, a.W);
-  if constexpr (kFixed) {
-    if (fast && iw_a < iw_b) {
-      gathered(0, iw_a);
+  const int64_t C = a.C, K2 = a.KH * a.KW, col0 = a.pw + lpad;
+  const int64_t cs = UNIT ? V : a.dw * V;
+  if constexpr (KH_ > 0) {
+    if (a.m == 1) {
       vec wv[KH_ * KW_];
-      int64_t roff[KH_], coff[KW_];
-      for (int t = 0; t < KH_ * KW_; ++t) wv[t] = vload<V>(wt + t * C + c0);
-      for (int kh = 0; kh < KH_; ++kh) roff[kh] = -kh * a.dh * OW * C;
-      for (int kw = 0; kw < KW_; ++kw) coff[kw] = -kw * a.dw * C;
-      const scalar_t* gbase = gon + (oh0 * OW + a.pw) * C + c0;
-      int64_t iw = iw_a;
-      for (; iw + 1 < iw_b; iw += 2) {
+      const acc_t* r0[KH_];
+      for (int t = 0; t < KH_ * KW_; ++t) wv[t] = vload<V>(wt + nhwc_wblock(0, c0, C, K2) + t * V);
+      for (int kh = 0; kh < KH_; ++kh) r0[kh] = rp[kh] + blk + col0 * V;
+      int64_t iw = iw0;
+      for (; iw + 1 < iw1; iw += 2) {
+        ps.next();
         vec acc0{}, acc1{};
-        const scalar_t* gp = gbase + iw * C;
         FC_UNROLL
         for (int kh = 0; kh < KH_; ++kh) {
-          const scalar_t* gr = gp + roff[kh];
+          const acc_t* r = r0[kh] + iw * V;
           FC_UNROLL
           for (int kw = 0; kw < KW_; ++kw) {
-            acc0 += wv[kh * KW_ + kw] * vload_acc<V>(gr + coff[kw]);
-            acc1 += wv[kh * KW_ + kw] * vload_acc<V>(gr + coff[kw] + C);
+            const acc_t* q = r - kw * (UNIT ? V : cs);
+            acc0 += wv[kh * KW_ + kw] * vload<V>(q);
+            acc1 += wv[kh * KW_ + kw] * vload<V>(q + V);
           }
         }
-        vstore_from<acc_t, V>(dbase + iw * C, acc0);
-        vstore_from<acc_t, V>(dbase + (iw + 1) * C, acc1);
+        vstore_from<acc_t, V>(dbase + iw * C, acc0, a.nt);
+        vstore_from<acc_t, V>(dbase + (iw + 1) * C, acc1, a.nt);
       }
-      gathered(iw, a.W);
+      if (iw < iw1) {
+        vec acc{};
+        FC_UNROLL
+        for (int kh = 0; kh < KH_; ++kh) {
+          const acc_t* r = r0[kh] + iw * V;
+          FC_UNROLL
+          for (int kw = 0; kw < KW_; ++kw)
+            acc += wv[kh * KW_ + kw] * vload<V>(r - kw * (UNIT ? V : cs));
+        }
+        vstore_from<acc_t, V>(dbase + iw * C, acc, a.nt);
+      }
       return;
     }
   }
-  gathered(0, a.W);
+  for (int64_t iw = iw0; iw < iw1; ++iw) {
+    ps.next();
+    vec acc{};
+    for (int64_t kh = 0; kh < a.KH; ++kh) {
+      const acc_t* r = rp[kh] + blk + (iw + col0) * V;
+      for (int64_t kw = 0; kw < a.KW; ++kw) {
+        const acc_t* q = r - kw * cs;
+        const acc_t* wq = wt + nhwc_wblock(0, c0, C, K2) + (kh * a.KW + kw) * V;
+        for (int64_t k = 0; k < a.m; ++k)
+          acc += vload<V>(wq + k * C * K2) * vload<V>(q + k * gpitch);
+      }
+    }
+    vstore_from<acc_t, V>(dbase + iw * C, acc, a.nt);
+  }
+}
+
+// grad_input, NHWC, any stride: one input row (n, ih), channels [c0, c0 + V), driven by the
+// precomputed gather lists (the (tap, output) pairs that reach each input position; no
+// divisions in the pixel loop), reading grad_output straight from the tensor.
+template <int V, typename acc_t, typename scalar_t>
+void gi_nhwc_gather_row(const NhwcShape& a, const TapList& lh, const TapList& lw,
+                        const scalar_t* gon, const acc_t* wt, scalar_t* girow, int64_t c0,
+                        int64_t ih) {
+  using vec = vec_t<acc_t, V>;
+  const int64_t KW = a.KW, K2 = a.KH * a.KW, C = a.C, OW = a.OW, OCk = a.m * a.C;
+  const int64_t h0 = lh.start[ih], h1 = lh.start[ih + 1];
+  for (int64_t iw = 0; iw < a.W; ++iw) {
+    vec acc{};
+    const int64_t w0 = lw.start[iw], w1 = lw.start[iw + 1];
+    for (int64_t hi = h0; hi < h1; ++hi) {
+      const int64_t kh = lh.tap[hi], oh = lh.pos[hi];
+      for (int64_t wi = w0; wi < w1; ++wi) {
+        const int64_t kw = lw.tap[wi], ow = lw.pos[wi];
+        const scalar_t* gp = gon + (oh * OW + ow) * OCk + c0;
+        const acc_t* wp = wt + nhwc_wblock(0, c0, C, K2) + (kh * KW + kw) * V;
+        for (int64_t k = 0; k < a.m; ++k)
+          acc += vload<V>(wp + k * C * K2) * vload_acc<V>(gp + k * C);
+      }
+    }
+    vstore_from<acc_t, V>(girow + iw * C + c0, acc, a.nt);
+  }
 }
 
 template <int KH, int KW>
@@ -999,17 +1276,50 @@ struct GradInputNhwc {
   template <typename scalar_t, typename acc_t>
   static void run(const NhwcShape& a, int64_t batch, const scalar_t* go, const acc_t* wt,
                   scalar_t* gi) {
-    const TapList lh = gather_taps(a.H, a.OH, a.KH, a.sh, a.ph, a.dh);
-    const TapList lw = gather_taps(a.W, a.OW, a.KW, a.sw, a.pw, a.dw);
+    const int64_t OCk = a.m * a.C;
+    if (a.sh != 1 || a.sw != 1) {
+      const TapList lh = gather_taps(a.H, a.OH, a.KH, a.sh, a.ph, a.dh);
+      const TapList lw = gather_taps(a.W, a.OW, a.KW, a.sw, a.pw, a.dw);
+      at::parallel_for(0, batch * a.H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / a.H, ih = row % a.H;
+          const scalar_t* gon = go + n * a.OH * a.OW * OCk;
+          for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
+            gi_nhwc_gather_row<decltype(v)::value>(a, lh, lw, gon, wt, gi + row * a.W * a.C, c0,
+                                                  ih);
+          });
+        }
+        nt_fence();
+      });
+      return;
+    }
+    // padded grad_output columns: input pixel iw, tap kw reads column iw + pw - kw * dw
+    const int64_t lpad = std::max<int64_t>(0, (a.KW - 1) * a.dw - a.pw);
+    const int64_t rpad = std::max<int64_t>(0, a.W + a.pw - a.OW);
     at::parallel_for(0, batch * a.H, 1, [&](int64_t begin, int64_t end) {
+      RowCache<acc_t> cache(a.OH, a.OW, a.C, a.m, lpad, rpad, (a.KH - 1) * a.dh + 1, 1);
+      std::vector<const acc_t*> rp(a.KH);
+      const int64_t nb = count_channel_blocks<kLanes<acc_t>>(a.C);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / a.H, ih = row % a.H;
-        const scalar_t* gon = go + n * a.OH * a.OW * a.m * a.C;
+        const scalar_t* gon = go + n * a.OH * a.OW * OCk;
+        for (int64_t kh = 0; kh < a.KH; ++kh) rp[kh] = cache.row(gon, n, ih + a.ph - kh * a.dh);
+        const bool ahead = row + 1 < end && ih + 1 < a.H;
+        PrefetchStream ps;
+        if (row + 2 < end && ih + 2 < a.H)
+          ps = row_stream(gon, a.OH, a.OW * OCk, ih + 2 + a.ph, ih + 2 + a.ph, nb * div_ceil(a.W, 2));
         scalar_t* girow = gi + row * a.W * a.C;
-        for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
-          gi_nhwc_block<KH, KW, decltype(v)::value>(a, lh, lw, gon, wt, girow, c0, ih);
+        int64_t bi = 0;
+        for_channel_blocks_unit<kLanes<acc_t>>(a.C, a.dw == 1, [&](auto v, auto unit, int64_t c0) {
+          for (int64_t kh = 0; ahead && kh < a.KH; ++kh)
+            cache.fill_ahead(gon, n, ih + 1 + a.ph - kh * a.dh, bi, nb);
+          ++bi;
+          gi_nhwc_tile<KH, KW, decltype(unit)::value, decltype(v)::value>(
+              a, rp.data(), cache.block_offset(c0), cache.group_pitch(), wt, girow + c0, c0, lpad,
+              0, a.W, ps);
         });
       }
+      nt_fence();
     });
   }
 };
@@ -1018,77 +1328,69 @@ template <typename scalar_t>
 void grad_input_nhwc(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
                      const Conv2dShape& s) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const NhwcShape a = nhwc_shape(s);
+  NhwcShape a = nhwc_shape(s);
+  a.nt = grad_input.nbytes() >= static_cast<size_t>(kStreamingStoreBytes);
   const auto wt = nhwc_weights<acc_t, scalar_t>(weight, a.C, a.m, a.KH * a.KW);
   const Tensor gokm = to_k_major(grad_output, a.C, a.m);
   dispatch_kernel_size<GradInputNhwc>(a.KH, a.KW, a, s.batch, gokm.data_ptr<scalar_t>(),
                                       wt.data(), grad_input.data_ptr<scalar_t>());
 }
 
-// grad_weight, NHWC, one grad_output row (n, oh), multiplier index k, channels [c0, c0 + V):
-// part[tap][k * C + c] += sum_ow g[ow][c] * x[ih][iw(ow, kw)][c]. For each kernel row the KW
-// tap sums of the interior pixels stay in registers (two sets: even and odd pixels, for two
-// FMA chains), each grad_output vector is loaded once and reused by the KW taps, and the sums
-// are added to the chunk's partial sums once per row; border pixels and runtime sizes add tap
-// by tap. Bound: L1 loads (about one input vector per FMA).
-template <int KH_, int KW_, int V, typename scalar_t, typename acc_t>
-void gw_nhwc_block(const NhwcShape& a, const scalar_t* xn, const scalar_t* gorow, acc_t* part,
-                   int64_t k, int64_t c0, int64_t oh) {
+// grad_weight, NHWC: output pixels [ow0, ow1) of one row, multiplier index k, channels
+// [c0, c0 + V): part[tap][k * C + c] += sum_ow g[ow][k * C + c] * x_pad[row kh][ow * sw +
+// kw * dw][c]. rp[kh] is the cached padded input row (nullptr when the kernel row falls
+// outside the image: nothing to add) and `blk` this channel block's offset in it. Compiled
+// sizes keep the KW tap sums of a kernel row in registers (two sets, even and odd pixels, for
+// two FMA chains) and load each grad_output vector once for the KW taps; the sums go to the
+// chunk's partial sums once per tile. Bound: L1 loads.
+template <int KH_, int KW_, bool UNIT, int V, typename acc_t, typename scalar_t>
+void gw_nhwc_tile(const NhwcShape& a, const acc_t* const* rp, int64_t blk,
+                  const scalar_t* gbase, acc_t* pbase, int64_t ow0, int64_t ow1,
+                  PrefetchStream& ps) {
   using vec = vec_t<acc_t, V>;
-  constexpr bool kFixed = KH_ > 0;
-  const int64_t KH = kFixed ? KH_ : a.KH, KW = kFixed ? KW_ : a.KW;
-  const int64_t C = a.C, W = a.W, OCk = a.m * a.C;
-  const int64_t ih0 = oh * a.sh - a.ph;
-  const scalar_t* gr = gorow + k * C + c0;
-  acc_t* pbase = part + k * C + c0;
-  auto checked = [&](int64_t kh, const scalar_t* xr, int64_t ow_begin, int64_t ow_end) {
-    for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-      const vec g = vload_acc<V>(gr + ow * OCk);
-      for (int64_t kw = 0; kw < KW; ++kw) {
-        const int64_t iw = ow * a.sw - a.pw + kw * a.dw;
-        if (iw < 0 || iw >= W) continue;
-        acc_t* pp = pbase + (kh * KW + kw) * OCk;
-        vstore<V>(pp, vload<V>(pp) + g * vload_acc<V>(xr + iw * C));
-      }
-    }
-  };
+  const int64_t OCk = a.m * a.C, step = a.sw * V;
+  const int64_t cs = UNIT ? V : a.dw * V;
+  const int64_t KH = KH_ > 0 ? KH_ : a.KH, KW = KH_ > 0 ? KW_ : a.KW;
   for (int64_t kh = 0; kh < KH; ++kh) {
-    const int64_t ih = ih0 + kh * a.dh;
-    if (ih < 0 || ih >= a.H) continue;
-    const scalar_t* xr = xn + ih * W * C + c0;
-    if constexpr (kFixed) {
+    if (rp[kh] == nullptr) continue;
+    const acc_t* r0 = rp[kh] + blk;
+    if constexpr (KH_ > 0) {
       vec acc0[KW_], acc1[KW_];
-      int64_t coff[KW_];
       for (int kw = 0; kw < KW_; ++kw) {
         acc0[kw] = vec{};
         acc1[kw] = vec{};
-        coff[kw] = kw * a.dw * C;
       }
-      const int64_t step = a.sw * C;
-      int64_t ow = a.ow_a;
-      for (; ow + 1 < a.ow_b; ow += 2) {
-        const vec g0 = vload_acc<V>(gr + ow * OCk), g1 = vload_acc<V>(gr + (ow + 1) * OCk);
-        const scalar_t* xp = xr + (ow * a.sw - a.pw) * C;
+      int64_t ow = ow0;
+      for (; ow + 1 < ow1; ow += 2) {
+        ps.next();
+        const vec g0 = vload_acc<V>(gbase + ow * OCk), g1 = vload_acc<V>(gbase + (ow + 1) * OCk);
+        const acc_t* r = r0 + ow * step;
         FC_UNROLL
         for (int kw = 0; kw < KW_; ++kw) {
-          acc0[kw] += g0 * vload_acc<V>(xp + coff[kw]);
-          acc1[kw] += g1 * vload_acc<V>(xp + coff[kw] + step);
+          const acc_t* q = r + kw * (UNIT ? V : cs);
+          acc0[kw] += g0 * vload<V>(q);
+          acc1[kw] += g1 * vload<V>(q + step);
         }
       }
-      if (ow < a.ow_b) {
-        const vec g0 = vload_acc<V>(gr + ow * OCk);
-        const scalar_t* xp = xr + (ow * a.sw - a.pw) * C;
+      if (ow < ow1) {
+        const vec g0 = vload_acc<V>(gbase + ow * OCk);
+        const acc_t* r = r0 + ow * step;
         FC_UNROLL
-        for (int kw = 0; kw < KW_; ++kw) acc0[kw] += g0 * vload_acc<V>(xp + coff[kw]);
+        for (int kw = 0; kw < KW_; ++kw) acc0[kw] += g0 * vload<V>(r + kw * (UNIT ? V : cs));
       }
       for (int kw = 0; kw < KW_; ++kw) {
         acc_t* pp = pbase + (kh * KW_ + kw) * OCk;
         vstore<V>(pp, vload<V>(pp) + (acc0[kw] + acc1[kw]));
       }
-      checked(kh, xr, 0, a.ow_a);
-      checked(kh, xr, std::max(a.ow_a, a.ow_b), a.OW);
     } else {
-      checked(kh, xr, 0, a.OW);
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        vec acc{};
+        const acc_t* r = r0 + kw * cs;
+        for (int64_t ow = ow0; ow < ow1; ++ow)
+          acc += vload_acc<V>(gbase + ow * OCk) * vload<V>(r + ow * step);
+        acc_t* pp = pbase + (kh * KW + kw) * OCk;
+        vstore<V>(pp, vload<V>(pp) + acc);
+      }
     }
   }
 }
@@ -1096,24 +1398,56 @@ void gw_nhwc_block(const NhwcShape& a, const scalar_t* xn, const scalar_t* gorow
 // Fixed, shape-only number of row chunks for the NHWC grad_weight reduction.
 inline int64_t row_chunks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, 64)); }
 
+// Task = a fixed chunk of output rows with its own partial sums (K2 x m * C), combined in chunk
+// order afterwards; each thread keeps a padded-row cache of the input.
 template <int KH, int KW>
 struct GradWeightNhwc {
   template <typename scalar_t, typename acc_t>
   static void run(const NhwcShape& a, int64_t batch, const scalar_t* x, const scalar_t* go,
                   std::vector<acc_t>& partial, int64_t T) {
     const int64_t R = batch * a.OH, OCk = a.m * a.C, K2 = a.KH * a.KW;
+    const int64_t rpad =
+        std::max<int64_t>(0, (a.OW - 1) * a.sw + (a.KW - 1) * a.dw + 1 - a.pw - a.W);
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      RowCache<acc_t> cache(a.H, a.W, a.C, 1, a.pw, rpad, (a.KH - 1) * a.dh + 1, a.sh);
+      std::vector<const acc_t*> rp(a.KH);
+      const int64_t end_row = end * R / T, nb = count_channel_blocks<kLanes<acc_t>>(a.C);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         acc_t* part = partial.data() + chunk * K2 * OCk;
         std::fill(part, part + K2 * OCk, acc_t(0));
         for (int64_t row = chunk * R / T; row < (chunk + 1) * R / T; ++row) {
           const int64_t n = row / a.OH, oh = row % a.OH;
           const scalar_t* xn = x + n * a.H * a.W * a.C;
+          for (int64_t kh = 0; kh < a.KH; ++kh) {
+            const int64_t ih = oh * a.sh - a.ph + kh * a.dh;
+            rp[kh] = ih < 0 || ih >= a.H ? nullptr : cache.row(xn, n, ih);
+          }
+          // the next row's input rows are copied, and its grad_output row prefetched, in
+          // slices between this row's tiles
+          const bool ahead = row + 1 < end_row && oh + 1 < a.OH;
+          const Prefetch next_g =
+              row + 1 < end_row ? Prefetch(go + (row + 1) * a.OW * OCk, a.OW * OCk) : Prefetch();
+          PrefetchStream ps;
+          if (row + 2 < end_row && oh + 2 < a.OH) {
+            const int64_t last1 = (oh + 1) * a.sh - a.ph + (a.KH - 1) * a.dh;
+            ps = row_stream(xn, a.H, a.W * a.C, last1 + 1, last1 + a.sh,
+                            nb * a.KH * div_ceil(a.OW, 2));
+          }
           const scalar_t* gorow = go + row * a.OW * OCk;
           for (int64_t k = 0; k < a.m; ++k) {
-            for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
-              gw_nhwc_block<KH, KW, decltype(v)::value>(a, xn, gorow, part, k, c0, oh);
-            });
+            int64_t bi = 0;
+            for_channel_blocks_unit<kLanes<acc_t>>(
+                a.C, a.dw == 1, [&](auto v, auto unit, int64_t c0) {
+                  if (k == 0) {
+                    for (int64_t kh = 0; ahead && kh < a.KH; ++kh)
+                      cache.fill_ahead(xn, n, (oh + 1) * a.sh - a.ph + kh * a.dh, bi, nb);
+                    next_g.part(bi, nb);
+                  }
+                  ++bi;
+                  gw_nhwc_tile<KH, KW, decltype(unit)::value, decltype(v)::value>(
+                      a, rp.data(), cache.block_offset(c0), gorow + k * a.C + c0,
+                      part + k * a.C + c0, 0, a.OW, ps);
+                });
           }
         }
       }
@@ -1137,7 +1471,8 @@ void grad_weight_nhwc(const Tensor& grad_output, const Tensor& input, Tensor& gr
     for (int64_t k = 0; k < a.m; ++k) {
       for (int64_t t = 0; t < K2; ++t) {
         acc_t sum = 0;
-        for (int64_t chunk = 0; chunk < T; ++chunk) sum += partial[(chunk * K2 + t) * OCk + k * a.C + c];
+        for (int64_t chunk = 0; chunk < T; ++chunk)
+          sum += partial[(chunk * K2 + t) * OCk + k * a.C + c];
         gw[(c * a.m + k) * K2 + t] = static_cast<scalar_t>(sum);
       }
     }
