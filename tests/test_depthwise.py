@@ -140,6 +140,26 @@ def test_backward_ops_direct(case, dtype, layout, device):
     assert_close(gi, gi_r, dtype, reduction=kh * kw * m)
 
 
+# The register-blocked float kernel (stride 1, dilation 1, square 3/5/7; forward and grad_input
+# of NCHW): 4-row blocks with 2- and 1-row tails, chunks of 4 column vectors with 1-4 vector
+# tails, partial last vectors, paddings that make grad_input's buffer offsets differ.
+BLOCKED_CASES = [
+    (k, h, w, p, m)
+    for k in (3, 5, 7)
+    for (h, w) in ((1, 1), (2, 5), (3, 16), (5, 17), (6, 48), (9, 63), (4, 64), (7, 65), (8, 130))
+    for (p, m) in (((k // 2, 1),) if w < 16 else ((k // 2, 1), (0, 2), (k - 1, 1)))
+    if h + 2 * p >= k and w + 2 * p >= k
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=lambda c: "k{}_{}x{}_p{}_m{}".format(*c))
+def test_register_blocked_stride1_kernels(case, layout):
+    k, h, w, p, m = case
+    x, wt, b = _make(2, 3, m, h, w, k, torch.float32, "cpu", bias=True, layout=layout)
+    _check_against_both(x, wt, b, 1, p, 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -205,8 +206,28 @@ std::vector<acc_t> bias_vector(const c10::optional<Tensor>& bias, int64_t oc) {
 struct PlaneBuf {
   int64_t rows = 0, used_cols = 0, phases = 1, phase_len = 0, pitch = 0;
   int64_t row_off = 0, col_off = 0;
-  // the last partial vector of a row may load up to V - 1 <= 15 elements past the end
-  int64_t size() const { return rows * pitch + 16; }
+  // the last partial vector of a row may load up to V - 1 <= 15 elements past the end, the
+  // AVX-512 row kernel up to 31 (one aligned vector past its last, partial one)
+  int64_t size() const { return rows * pitch + 32; }
+};
+
+// Row pitch of a one-phase buffer: a whole number of 64-byte lines, so that every row of an
+// aligned buffer starts aligned.
+inline int64_t line_pitch(int64_t cols) { return (cols + 15) / 16 * 16; }
+
+// Scratch memory whose data() is 64-byte aligned (the AVX-512 row kernel loads aligned).
+template <typename T>
+class AlignedScratch {
+ public:
+  explicit AlignedScratch(int64_t n) : v_(static_cast<size_t>(n) + 64 / sizeof(T)) {
+    const auto a = reinterpret_cast<uintptr_t>(v_.data());
+    p_ = reinterpret_cast<T*>((a + 63) & ~uintptr_t(63));
+  }
+  T* data() { return p_; }
+
+ private:
+  std::vector<T> v_;
+  T* p_;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -335,6 +356,136 @@ void conv_rows_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t
   }
 }
 
+#if defined(__AVX512F__)
+// Register-blocked float kernel for the common case: KH x KW taps (3, 5 or 7) with unit row
+// and column offsets (stride 1 and dilation 1: the forward of such a conv and every stride-1
+// grad_input), a 64-byte aligned buffer whose pitch is a multiple of 16. R output rows and U
+// vectors of 16 columns are computed together. Each input row is read with U + 1 aligned loads;
+// the KW column shifts are made in registers (valignd) instead of by unaligned loads, which
+// straddle two cache lines 15 times in 16 and had made the old kernel load-bound; each shifted
+// vector then feeds the accumulators of up to KH output rows, with the weight as an embedded
+// broadcast. The last vector may be partial: masked stores (and loads when accumulating); its
+// loads read past the row into the next row or the buffer's slack (see PlaneBuf::size).
+template <typename F, int... I>
+inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>()), ...);
+}
+template <int N, typename F>
+inline void static_for(F&& f) {  // f(integral_constant<int, 0>), ..., f(<N - 1>)
+  static_for_impl(f, std::make_integer_sequence<int, N>());
+}
+
+template <int S>
+inline __m512 fc_shift(__m512 lo, __m512 hi) {
+  if constexpr (S == 0) {
+    return lo;
+  } else {
+    return _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), S));
+  }
+}
+
+template <int KH, int KW, bool ACCUM, int R, int U>
+__attribute__((noinline)) void conv_block_avx512(const float* base, int64_t pitch,
+                                                 const float* w, float init, float* o,
+                                                 int64_t out_pitch, int64_t valid) {
+  static_assert(KW <= 16, "column shifts must stay within one vector");
+  const __mmask16 last =
+      valid >= 16 * U ? __mmask16(0xFFFF) : __mmask16((1u << (valid - 16 * (U - 1))) - 1u);
+  __m512 acc[R][U];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < U; ++u) {
+      float* d = o + r * out_pitch + u * 16;
+      if (ACCUM)
+        acc[r][u] = u + 1 < U ? _mm512_loadu_ps(d) : _mm512_maskz_loadu_ps(last, d);
+      else
+        acc[r][u] = _mm512_set1_ps(init);
+    }
+  }
+  FC_UNROLL
+  for (int i = 0; i < R + KH - 1; ++i) {
+    const float* src = base + i * pitch;
+    __m512 a[U + 1];
+    FC_UNROLL
+    for (int u = 0; u <= U; ++u) a[u] = _mm512_load_ps(src + u * 16);
+    // a fresh weight pointer per input row: keeps GCC from hoisting every tap's broadcast into
+    // a register of its own (49 for 7x7) and spilling them
+    const float* wi = w;
+    asm("" : "+r"(wi));
+    static_for<KW>([&](auto kwc) {
+      constexpr int kw = decltype(kwc)::value;
+      __m512 xs[U];
+      FC_UNROLL
+      for (int u = 0; u < U; ++u) xs[u] = fc_shift<kw>(a[u], a[u + 1]);
+      FC_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const int kh = i - r;
+        if (kh < 0 || kh >= KH) continue;
+        const __m512 wv = _mm512_set1_ps(wi[kh * KW + kw]);
+        FC_UNROLL
+        for (int u = 0; u < U; ++u) acc[r][u] = _mm512_fmadd_ps(xs[u], wv, acc[r][u]);
+      }
+    });
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < U; ++u) {
+      float* d = o + r * out_pitch + u * 16;
+      if (u + 1 < U)
+        _mm512_storeu_ps(d, acc[r][u]);
+      else
+        _mm512_mask_storeu_ps(d, last, acc[r][u]);
+    }
+  }
+}
+
+template <int KH, int KW, bool ACCUM, int R>
+inline void conv_block_cols(const float* base, int64_t pitch, const float* w, float init,
+                            float* o, int64_t out_pitch, int64_t cols) {
+  int64_t j = 0;
+  for (; j + 64 < cols; j += 64)  // a partial chunk of 4 vectors is left to the switch
+    conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, 64);
+  const int64_t rem = cols - j;
+  switch ((rem + 15) / 16) {
+    case 1:
+      conv_block_avx512<KH, KW, ACCUM, R, 1>(base + j, pitch, w, init, o + j, out_pitch, rem);
+      break;
+    case 2:
+      conv_block_avx512<KH, KW, ACCUM, R, 2>(base + j, pitch, w, init, o + j, out_pitch, rem);
+      break;
+    case 3:
+      conv_block_avx512<KH, KW, ACCUM, R, 3>(base + j, pitch, w, init, o + j, out_pitch, rem);
+      break;
+    case 4:
+      conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, rem);
+      break;
+    default:
+      break;
+  }
+}
+
+template <int KH, int KW, bool ACCUM>
+void conv_rows_avx512(const float* buf, int64_t pitch, int64_t row0, const float* w, float init,
+                      float* out, int64_t out_pitch, int64_t rows, int64_t cols,
+                      const Prefetch& pf) {
+  constexpr int R = 4;
+  const float* base = buf + row0 * pitch;
+  const int64_t nblk = (rows + R - 1) / R;
+  int64_t r = 0;
+  for (int64_t b = 0; r + R <= rows; r += R, ++b) {
+    pf.part(b, nblk);
+    conv_block_cols<KH, KW, ACCUM, R>(base + r * pitch, pitch, w, init, out + r * out_pitch,
+                                      out_pitch, cols);
+  }
+  pf.part(nblk - 1, nblk);
+  for (; r + 2 <= rows; r += 2)
+    conv_block_cols<KH, KW, ACCUM, 2>(base + r * pitch, pitch, w, init, out + r * out_pitch,
+                                      out_pitch, cols);
+  if (r < rows)
+    conv_block_cols<KH, KW, ACCUM, 1>(base + r * pitch, pitch, w, init, out + r * out_pitch,
+                                      out_pitch, cols);
+}
+#endif  // __AVX512F__
+
 inline bool unit_cols(const int64_t* colofs, int64_t nkw) {
   for (int64_t kw = 0; kw < nkw; ++kw) {
     if (colofs[kw] != colofs[0] + kw) return false;
@@ -347,6 +498,24 @@ void conv_rows(const T* buf, int64_t pitch, int64_t row_step, const int64_t* row
                const int64_t* colofs, int64_t nkw, const T* wts, T init, T* out,
                int64_t out_pitch, int64_t rows, int64_t cols, const Prefetch& pf = Prefetch()) {
   const bool unit = unit_cols(colofs, nkw);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    bool row_unit = row_step == 1;
+    for (int64_t kh = 0; kh < nkh; ++kh) row_unit = row_unit && rowofs[kh] == rowofs[0] + kh;
+    if (unit && row_unit && colofs[0] == 0 && pitch % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(buf) % 64 == 0 && nkh == nkw &&
+        (nkh == 3 || nkh == 5 || nkh == 7)) {
+      const auto call = [&](auto k) {
+        conv_rows_avx512<decltype(k)::value, decltype(k)::value, ACCUM>(
+            buf, pitch, rowofs[0], wts, init, out, out_pitch, rows, cols, pf);
+      };
+      if (nkh == 3) call(std::integral_constant<int, 3>());
+      if (nkh == 5) call(std::integral_constant<int, 5>());
+      if (nkh == 7) call(std::integral_constant<int, 7>());
+      return;
+    }
+  }
+#endif
 #define FC_CALL(KH_, KW_, UNIT_)                                                              \
   conv_rows_impl<KH_, KW_, UNIT_, ACCUM>(buf, pitch, row_step, rowofs, nkh, colofs, nkw, wts, \
                                          init, out, out_pitch, rows, cols, pf)
@@ -374,6 +543,7 @@ inline PlaneBuf input_plane_buf(const Conv2dShape& s, int64_t slack) {
   b.used_cols = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dil_w + 1;
   b.phases = s.stride_w;
   b.phase_len = div_ceil(b.used_cols, b.phases) + slack;
+  if (b.phases == 1) b.phase_len = line_pitch(b.phase_len);
   b.pitch = b.phases * b.phase_len;
   b.row_off = s.pad_h;
   b.col_off = s.pad_w;
@@ -408,7 +578,7 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
   const scalar_t* x = input.data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(b.size());
+    AlignedScratch<acc_t> buf(b.size());
     std::vector<acc_t> tmp(kSame ? 0 : OH * OW);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n = p / C, c = p % C;
@@ -493,7 +663,7 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
   b.rows = std::max<int64_t>(end_h - min_h, 1);
   b.used_cols = std::max<int64_t>(end_w - min_w, 1);
   b.phases = 1;
-  b.phase_len = b.used_cols;
+  b.phase_len = line_pitch(b.used_cols);
   b.pitch = b.phase_len;
   b.row_off = -min_h;
   b.col_off = -min_w;
@@ -504,7 +674,7 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   scalar_t* gi = grad_input.data_ptr<scalar_t>();
   at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(b.size());
+    AlignedScratch<acc_t> buf(b.size());
     std::vector<acc_t> plane(kSame ? 0 : H * W);
     std::vector<acc_t> tmp(direct ? 0 : max_phase);
     std::vector<acc_t> wph(K2);
@@ -702,7 +872,7 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
   const scalar_t* x = input.data_ptr<scalar_t>();
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(b.size());
+    AlignedScratch<acc_t> buf(b.size());
     std::vector<acc_t> gbuf(kSame ? 0 : OH * OW);  // bfloat16 grad_output plane as float
     std::vector<acc_t> accv(m * K2 * V);
     for (int64_t t = begin; t < end; ++t) {
