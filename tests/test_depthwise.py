@@ -160,6 +160,26 @@ def test_register_blocked_stride1_kernels(case, layout):
     _check_against_both(x, wt, b, 1, p, 1)
 
 
+# The channels_last float32 fast path (stride 1, dilation 1, multiplier 1, C % 16 == 0, square
+# 3/5/7): blocks of 8, 4 and 1 pixels, border blocks, paddings from 0 to K (grad_input's
+# effective padding K - 1 - p then goes negative), rows outside the image.
+NHWC_FAST_CASES = [
+    (c, k, h, w, p)
+    for c in (16, 48)
+    for k in (3, 5, 7)
+    for (h, w) in ((1, 1), (3, 9), (6, 13), (9, 21))
+    for p in (0, k // 2, k)
+    if h + 2 * p >= k and w + 2 * p >= k
+]
+
+
+@pytest.mark.parametrize("case", NHWC_FAST_CASES, ids=lambda c: "c{}_k{}_{}x{}_p{}".format(*c))
+def test_channels_last_fast_path(case):
+    c, k, h, w, p = case
+    x, wt, b = _make(2, c, 1, h, w, k, torch.float32, "cpu", bias=True, layout="channels_last")
+    _check_against_both(x, wt, b, 1, p, 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -44,6 +44,7 @@
 
 #include "common/checks.h"
 #include "common/shape.h"
+#include "cpu/depthwise_fast.h"
 #include "cpu/kernels.h"
 
 #if defined(__clang__)
@@ -1669,7 +1670,8 @@ at::Tensor depthwise_conv2d_forward_cpu(
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), op, [&] {
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      forward_nhwc<scalar_t>(input.contiguous(fmt), w, b, out, s);
+      const Tensor x = input.contiguous(fmt);
+      if (!depthwise_nhwc_fast_forward(x, w, b, out, s)) forward_nhwc<scalar_t>(x, w, b, out, s);
     } else {
       forward_nchw<scalar_t>(input.contiguous(), w, b, out, s);
     }
@@ -1690,7 +1692,9 @@ at::Tensor depthwise_conv2d_grad_input_cpu(
   const Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_output.scalar_type(), op, [&] {
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      grad_input_nhwc<scalar_t>(grad_output.contiguous(fmt), w, grad_input, s);
+      const Tensor go = grad_output.contiguous(fmt);
+      if (!depthwise_nhwc_fast_grad_input(go, w, grad_input, s))
+        grad_input_nhwc<scalar_t>(go, w, grad_input, s);
     } else {
       grad_input_nchw<scalar_t>(grad_output.contiguous(), w, grad_input, s);
     }
@@ -1711,8 +1715,9 @@ at::Tensor depthwise_conv2d_grad_weight_cpu(
   const auto fmt = conv_memory_format(grad_output, input);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_output.scalar_type(), op, [&] {
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      grad_weight_nhwc<scalar_t>(grad_output.contiguous(fmt), input.contiguous(fmt), grad_weight,
-                                 s);
+      const Tensor go = grad_output.contiguous(fmt), x = input.contiguous(fmt);
+      if (!depthwise_nhwc_fast_grad_weight(go, x, grad_weight, s))
+        grad_weight_nhwc<scalar_t>(go, x, grad_weight, s);
     } else {
       grad_weight_nchw<scalar_t>(grad_output.contiguous(), input.contiguous(), grad_weight, s);
     }

@@ -1,0 +1,296 @@
+// Depthwise conv2d, channels_last (NHWC), float32, AVX-512: the fast path for the shape that
+// MobileNet-style networks use almost exclusively: stride 1, dilation 1, channel multiplier 1,
+// a square 3x3, 5x5 or 7x7 kernel, channels a multiple of 16. Other shapes (and builds without
+// AVX-512) take the general kernels in depthwise_conv2d.cpp; each entry point here returns
+// false when it does not apply.
+//
+// Forward: out[n][oh][ow][c] = b[c] + sum_{kh,kw} w[kh][kw][c] * x[n][oh - ph + kh][ow - pw + kw][c]
+// (zero outside the image). grad_input with stride 1 is the same correlation of grad_output
+// with the flipped kernel and padding K - 1 - p, so one kernel serves both.
+//
+// Blocking (forward / grad_input): one task = one output row; per 16-channel block, blocks of P
+// output pixels. For each kernel row the P + K - 1 input vectors the block needs are loaded
+// once into registers (zero vectors for columns outside the image, so there is no padded copy),
+// then each of the K weight vectors of that row is loaded once and applied to all P pixels:
+// P + 2K - 1 loads per P * K FMAs (21 per 56 for 7x7, P = 8), all loads 64-byte aligned when C
+// is a multiple of 16. The input rows of a task (K rows of W * C floats) stay in L2.
+//
+// grad_weight: gw[c][kh][kw] = sum_{n,oh,ow} go[n][oh][ow][c] * x[n][oh - ph + kh][ow - pw + kw][c].
+// Per (row, channel block, kh) the K tap sums stay in registers for the whole row; per block of
+// P pixels the P grad_output vectors and the P + K - 1 input vectors are loaded once. Rows are
+// split into a fixed number of chunks (independent of the thread count) whose partial sums are
+// added in chunk order: the result is the same bits for any number of threads.
+
+#include "cpu/depthwise_fast.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace fastconv {
+
+#if defined(__AVX512F__)
+namespace {
+
+template <typename F, int... I>
+inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>()), ...);
+}
+template <int N, typename F>
+inline void unroll(F&& f) {  // f(integral_constant<int, 0>), ..., f(<N - 1>)
+  unroll_impl(f, std::make_integer_sequence<int, N>());
+}
+
+struct Geometry {
+  int64_t H, W, C;    // input of the correlation (x, or grad_output for grad_input)
+  int64_t OH, OW;     // its output
+  int64_t ph, pw;     // padding (may be negative for grad_input when p > K - 1)
+};
+
+// Output pixels [ow0, ow0 + P) of one row, one channel block. rows[kh]: the input row oh - ph +
+// kh at this channel block, nullptr outside the image. INTERIOR: every column the block reads
+// is inside the image.
+template <int K, int P, bool INTERIOR, bool NT>
+__attribute__((noinline)) void corr_block(const float* const* rows, int64_t W, int64_t C,
+                                          int64_t iw0, const float* w, __m512 init, float* o) {
+  __m512 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = init;
+  unroll<K>([&](auto khc) {
+    constexpr int kh = decltype(khc)::value;
+    const float* r = rows[kh];
+    if (r == nullptr) return;
+    __m512 xv[P + K - 1];
+    for (int q = 0; q < P + K - 1; ++q) {
+      const int64_t iw = iw0 + q;
+      xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(r + iw * C)
+                                                 : _mm512_setzero_ps();
+    }
+    unroll<K>([&](auto kwc) {
+      constexpr int kw = decltype(kwc)::value;
+      const __m512 wv = _mm512_loadu_ps(w + (kh * K + kw) * C);
+      for (int p = 0; p < P; ++p) acc[p] = _mm512_fmadd_ps(xv[p + kw], wv, acc[p]);
+    });
+  });
+  for (int p = 0; p < P; ++p) {
+    if (NT)
+      _mm512_stream_ps(o + p * C, acc[p]);
+    else
+      _mm512_storeu_ps(o + p * C, acc[p]);
+  }
+}
+
+template <int K, int P, bool NT>
+inline void corr_blocks(const float* const* rows, const Geometry& g, const float* w, __m512 init,
+                        float* orow, int64_t& ow) {
+  for (; ow + P <= g.OW; ow += P) {
+    const int64_t iw0 = ow - g.pw;
+    if (iw0 >= 0 && iw0 + P + K - 1 <= g.W)
+      corr_block<K, P, true, NT>(rows, g.W, g.C, iw0, w, init, orow + ow * g.C);
+    else
+      corr_block<K, P, false, NT>(rows, g.W, g.C, iw0, w, init, orow + ow * g.C);
+  }
+}
+
+// wk[(kh * K + kw) * C + c]: the tap weights, channel-contiguous; bias[c] or nullptr.
+// Outputs at least this large are written with streaming (non-temporal) stores: they would not
+// stay in cache anyway, and streaming skips reading each line before writing it (a third of
+// the traffic of a memory-bound 3x3 layer). Needs 64-byte aligned rows: C % 16 == 0 and
+// torch's CPU allocator aligns every tensor to 64 bytes.
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+template <int K, bool NT>
+void correlate_impl(const float* x, const float* wk, const float* bias, float* out, int64_t N,
+               const Geometry& g) {
+  const int64_t C = g.C;
+  at::parallel_for(0, N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    const float* rows[K];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / g.OH, oh = t % g.OH;
+      float* orow = out + t * g.OW * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        for (int kh = 0; kh < K; ++kh) {
+          const int64_t ih = oh - g.ph + kh;
+          rows[kh] = ih < 0 || ih >= g.H ? nullptr : x + ((n * g.H + ih) * g.W) * C + c0;
+        }
+        const __m512 init = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+        int64_t ow = 0;
+        corr_blocks<K, 8, NT>(rows, g, wk + c0, init, orow + c0, ow);
+        corr_blocks<K, 4, NT>(rows, g, wk + c0, init, orow + c0, ow);
+        corr_blocks<K, 1, NT>(rows, g, wk + c0, init, orow + c0, ow);
+      }
+    }
+    if (NT) _mm_sfence();
+  });
+}
+
+template <int K>
+void correlate(const float* x, const float* wk, const float* bias, float* out, int64_t N,
+               const Geometry& g) {
+  const bool nt = N * g.OH * g.OW * g.C * int64_t(sizeof(float)) >= kStreamingBytes &&
+                  reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  if (nt)
+    correlate_impl<K, true>(x, wk, bias, out, N, g);
+  else
+    correlate_impl<K, false>(x, wk, bias, out, N, g);
+}
+
+// acc[kw] += sum over the row of go[ow] * x[ow - pw + kw] for one kernel row and channel block.
+template <int K, int P, bool INTERIOR>
+inline void gw_block(const float* xr, const float* gr, int64_t W, int64_t C, int64_t iw0,
+                     __m512* acc) {
+  __m512 gv[P], xv[P + K - 1];
+  for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + p * C);
+  for (int q = 0; q < P + K - 1; ++q) {
+    const int64_t iw = iw0 + q;
+    xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(xr + iw * C)
+                                               : _mm512_setzero_ps();
+  }
+  for (int kw = 0; kw < K; ++kw)
+    for (int p = 0; p < P; ++p) acc[kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[kw]);
+}
+
+template <int K>
+__attribute__((noinline)) void gw_row(const float* xr, const float* gr, const Geometry& g,
+                                      float* part) {
+  constexpr int P = 4;
+  __m512 acc[K];
+  for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_loadu_ps(part + kw * 16);
+  int64_t ow = 0;
+  for (; ow + P <= g.OW; ow += P) {
+    const int64_t iw0 = ow - g.pw;
+    if (iw0 >= 0 && iw0 + P + K - 1 <= g.W)
+      gw_block<K, P, true>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
+    else
+      gw_block<K, P, false>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
+  }
+  for (; ow < g.OW; ++ow) gw_block<K, 1, false>(xr, gr + ow * g.C, g.W, g.C, ow - g.pw, acc);
+  for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part + kw * 16, acc[kw]);
+}
+
+// Fixed number of row chunks for the deterministic grad_weight reduction.
+constexpr int64_t kChunks = 32;
+
+template <int K>
+void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, const Geometry& g) {
+  const int64_t C = g.C, R = N * g.OH, T = std::min<int64_t>(kChunks, R);
+  // partial[chunk][cb][kh][kw][16]
+  std::vector<float> partial(static_cast<size_t>(T * C * K * K));
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* part = partial.data() + chunk * C * K * K;
+      std::fill(part, part + C * K * K, 0.f);
+      for (int64_t t = chunk * R / T; t < (chunk + 1) * R / T; ++t) {
+        const int64_t n = t / g.OH, oh = t % g.OH;
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          float* pc = part + c0 * K * K;
+          for (int kh = 0; kh < K; ++kh) {
+            const int64_t ih = oh - g.ph + kh;
+            if (ih < 0 || ih >= g.H) continue;
+            gw_row<K>(x + ((n * g.H + ih) * g.W) * C + c0, go + t * g.OW * C + c0, g,
+                      pc + kh * K * 16);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t cb = c / 16, lane = c % 16;
+    for (int64_t tap = 0; tap < K * K; ++tap) {
+      float sum = 0.f;
+      for (int64_t chunk = 0; chunk < T; ++chunk)
+        sum += partial[((chunk * C + cb * 16) * K * K + tap * 16) + lane];
+      gw[c * K * K + tap] = sum;
+    }
+  }
+}
+
+template <typename F>
+bool with_kernel_size(int64_t k, F&& f) {
+  switch (k) {
+    case 3: f(std::integral_constant<int, 3>()); return true;
+    case 5: f(std::integral_constant<int, 5>()); return true;
+    case 7: f(std::integral_constant<int, 7>()); return true;
+    default: return false;
+  }
+}
+
+// w: the (C, 1, K, K) weight, contiguous. wk[(kh * K + kw) * C + c], flipped if asked.
+std::vector<float> taps_by_channel(const at::Tensor& weight, int64_t C, int64_t K, bool flip) {
+  std::vector<float> wk(static_cast<size_t>(K * K * C));
+  const float* w = weight.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < K * K; ++t) wk[(flip ? K * K - 1 - t : t) * C + c] = w[c * K * K + t];
+  return wk;
+}
+
+}  // namespace
+
+bool depthwise_nhwc_fast_applies(const at::Tensor& t, const Conv2dShape& s) {
+  return t.scalar_type() == at::kFloat && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 &&
+         s.dil_w == 1 && s.out_channels == s.in_channels && s.in_channels % 16 == 0 &&
+         s.kernel_h == s.kernel_w && (s.kernel_h == 3 || s.kernel_h == 5 || s.kernel_h == 7);
+}
+
+bool depthwise_nhwc_fast_forward(const at::Tensor& x, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, at::Tensor& out,
+                                 const Conv2dShape& s) {
+  if (!depthwise_nhwc_fast_applies(x, s)) return false;
+  const int64_t C = s.in_channels, K = s.kernel_h;
+  const Geometry g{s.in_h, s.in_w, C, s.out_h, s.out_w, s.pad_h, s.pad_w};
+  const std::vector<float> wk = taps_by_channel(weight, C, K, false);
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  return with_kernel_size(K, [&](auto kc) {
+    correlate<decltype(kc)::value>(x.data_ptr<float>(), wk.data(), b, out.data_ptr<float>(),
+                                   s.batch, g);
+  });
+}
+
+bool depthwise_nhwc_fast_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                    at::Tensor& grad_input, const Conv2dShape& s) {
+  if (!depthwise_nhwc_fast_applies(grad_output, s)) return false;
+  const int64_t C = s.in_channels, K = s.kernel_h;
+  // correlation of grad_output (OH x OW) with the flipped kernel, padding K - 1 - p
+  const Geometry g{s.out_h, s.out_w, C, s.in_h, s.in_w, K - 1 - s.pad_h, K - 1 - s.pad_w};
+  const std::vector<float> wk = taps_by_channel(weight, C, K, true);
+  return with_kernel_size(K, [&](auto kc) {
+    correlate<decltype(kc)::value>(grad_output.data_ptr<float>(), wk.data(), nullptr,
+                                   grad_input.data_ptr<float>(), s.batch, g);
+  });
+}
+
+bool depthwise_nhwc_fast_grad_weight(const at::Tensor& grad_output, const at::Tensor& x,
+                                     at::Tensor& grad_weight, const Conv2dShape& s) {
+  if (!depthwise_nhwc_fast_applies(x, s) || !grad_weight.is_contiguous()) return false;
+  const Geometry g{s.in_h, s.in_w, s.in_channels, s.out_h, s.out_w, s.pad_h, s.pad_w};
+  return with_kernel_size(s.kernel_h, [&](auto kc) {
+    grad_weight_rows<decltype(kc)::value>(x.data_ptr<float>(), grad_output.data_ptr<float>(),
+                                          grad_weight.data_ptr<float>(), s.batch, g);
+  });
+}
+
+#else  // no AVX-512: the general kernels handle everything
+
+bool depthwise_nhwc_fast_applies(const at::Tensor&, const Conv2dShape&) { return false; }
+bool depthwise_nhwc_fast_forward(const at::Tensor&, const at::Tensor&,
+                                 const c10::optional<at::Tensor>&, at::Tensor&,
+                                 const Conv2dShape&) {
+  return false;
+}
+bool depthwise_nhwc_fast_grad_input(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                    const Conv2dShape&) {
+  return false;
+}
+bool depthwise_nhwc_fast_grad_weight(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                     const Conv2dShape&) {
+  return false;
+}
+
+#endif
+
+}  // namespace fastconv
