@@ -47,6 +47,18 @@ inline void unroll(F&& f) {  // f(integral_constant<int, 0>), ..., f(<N - 1>)
   unroll_impl(f, std::make_integer_sequence<int, N>());
 }
 
+// Prefetch part i of n of [p, p + bytes) into L2. The kernels read each image row in C / 16
+// strided passes (one per channel block), which the hardware prefetchers do not run ahead of;
+// each task fetches the one row the next task will need that it has not, spread over its
+// channel blocks so that the requests trickle out between FMAs.
+inline void prefetch_part(const float* p, int64_t bytes, int64_t i, int64_t n) {
+  if (p == nullptr) return;
+  const char* b = reinterpret_cast<const char*>(p);
+  const int64_t chunk = (bytes / n + 63) & ~int64_t(63);
+  const int64_t end = std::min(bytes, (i + 1) * chunk);
+  for (int64_t o = i * chunk; o < end; o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
+}
+
 struct Geometry {
   int64_t H, W, C;    // input of the correlation (x, or grad_output for grad_input)
   int64_t OH, OW;     // its output
@@ -110,10 +122,17 @@ void correlate_impl(const float* x, const float* wk, const float* bias, float* o
   const int64_t C = g.C;
   at::parallel_for(0, N * g.OH, 1, [&](int64_t begin, int64_t end) {
     const float* rows[K];
+    const int64_t row_bytes = g.W * C * int64_t(sizeof(float));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / g.OH, oh = t % g.OH;
       float* orow = out + t * g.OW * C;
+      // the next task's last kernel row (its only row this task has not read)
+      const int64_t ih_next = oh + 1 - g.ph + K - 1;
+      const float* next = t + 1 < end && oh + 1 < g.OH && ih_next >= 0 && ih_next < g.H
+                              ? x + (n * g.H + ih_next) * g.W * C
+                              : nullptr;
       for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        prefetch_part(next, row_bytes, c0 / 16, C / 16);
         for (int kh = 0; kh < K; ++kh) {
           const int64_t ih = oh - g.ph + kh;
           rows[kh] = ih < 0 || ih >= g.H ? nullptr : x + ((n * g.H + ih) * g.W) * C + c0;
@@ -151,8 +170,8 @@ inline void gw_block(const float* xr, const float* gr, int64_t W, int64_t C, int
     xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(xr + iw * C)
                                                : _mm512_setzero_ps();
   }
-  for (int kw = 0; kw < K; ++kw)
-    for (int p = 0; p < P; ++p) acc[kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[kw]);
+  for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
+    for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[kw]);
 }
 
 template <int K>
@@ -187,7 +206,14 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
       std::fill(part, part + C * K * K, 0.f);
       for (int64_t t = chunk * R / T; t < (chunk + 1) * R / T; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
+        const int64_t ih_next = oh + 1 - g.ph + K - 1;
+        const bool more = t + 1 < (chunk + 1) * R / T && oh + 1 < g.OH;
+        const float* next_x =
+            more && ih_next >= 0 && ih_next < g.H ? x + (n * g.H + ih_next) * g.W * C : nullptr;
+        const float* next_g = more ? go + (t + 1) * g.OW * C : nullptr;
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          prefetch_part(next_x, g.W * C * int64_t(sizeof(float)), c0 / 16, C / 16);
+          prefetch_part(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           float* pc = part + c0 * K * K;
           for (int kh = 0; kh < K; ++kh) {
             const int64_t ih = oh - g.ph + kh;
