@@ -159,37 +159,47 @@ void correlate(const float* x, const float* wk, const float* bias, float* out, i
     correlate_impl<K, false>(x, wk, bias, out, N, g);
 }
 
-// acc[kw] += sum over the row of go[ow] * x[ow - pw + kw] for one kernel row and channel block.
-template <int K, int P, bool INTERIOR>
-inline void gw_block(const float* xr, const float* gr, int64_t W, int64_t C, int64_t iw0,
-                     __m512* acc) {
-  __m512 gv[P], xv[P + K - 1];
+// acc[j][kw] += sum over the block of go[ow] * x_j[ow - pw + kw] for NR kernel rows j (input
+// rows xr[j]) of one channel block; the grad_output vectors are loaded once for all NR rows.
+template <int K, int NR, int P, bool INTERIOR>
+inline void gw_block(const float* const* xr, const float* gr, int64_t W, int64_t C, int64_t iw0,
+                     __m512 (*acc)[K]) {
+  __m512 gv[P];
   for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + p * C);
-  for (int q = 0; q < P + K - 1; ++q) {
-    const int64_t iw = iw0 + q;
-    xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(xr + iw * C)
-                                               : _mm512_setzero_ps();
+  for (int j = 0; j < NR; ++j) {
+    __m512 xv[P + K - 1];
+    for (int q = 0; q < P + K - 1; ++q) {
+      const int64_t iw = iw0 + q;
+      xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(xr[j] + iw * C)
+                                                 : _mm512_setzero_ps();
+    }
+    for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
+      for (int kw = 0; kw < K; ++kw)
+        acc[j][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[j][kw]);
   }
-  for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
-    for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[kw]);
 }
 
-template <int K>
-__attribute__((noinline)) void gw_row(const float* xr, const float* gr, const Geometry& g,
-                                      float* part) {
+// One grad_output row against NR (1 or 2) input rows: part[j] holds the K tap sums (16 lanes
+// each) of kernel row j, read and written back once per call.
+template <int K, int NR>
+__attribute__((noinline)) void gw_row(const float* const* xr, const float* gr, const Geometry& g,
+                                      float* const* part) {
   constexpr int P = 4;
-  __m512 acc[K];
-  for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_loadu_ps(part + kw * 16);
+  __m512 acc[NR][K];
+  for (int j = 0; j < NR; ++j)
+    for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
   int64_t ow = 0;
   for (; ow + P <= g.OW; ow += P) {
     const int64_t iw0 = ow - g.pw;
     if (iw0 >= 0 && iw0 + P + K - 1 <= g.W)
-      gw_block<K, P, true>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
+      gw_block<K, NR, P, true>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
     else
-      gw_block<K, P, false>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
+      gw_block<K, NR, P, false>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
   }
-  for (; ow < g.OW; ++ow) gw_block<K, 1, false>(xr, gr + ow * g.C, g.W, g.C, ow - g.pw, acc);
-  for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part + kw * 16, acc[kw]);
+  for (; ow < g.OW; ++ow)
+    gw_block<K, NR, 1, false>(xr, gr + ow * g.C, g.W, g.C, ow - g.pw, acc);
+  for (int j = 0; j < NR; ++j)
+    for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
 }
 
 // Fixed number of row chunks for the deterministic grad_weight reduction.
@@ -215,12 +225,23 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
           prefetch_part(next_x, g.W * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           prefetch_part(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           float* pc = part + c0 * K * K;
+          const float* gr = go + t * g.OW * C + c0;
+          // kernel rows two at a time (2K accumulators, each grad_output vector loaded once
+          // for both), the rows inside the image only
+          const float* xr[2];
+          float* pr[2];
+          int nr = 0;
           for (int kh = 0; kh < K; ++kh) {
             const int64_t ih = oh - g.ph + kh;
             if (ih < 0 || ih >= g.H) continue;
-            gw_row<K>(x + ((n * g.H + ih) * g.W) * C + c0, go + t * g.OW * C + c0, g,
-                      pc + kh * K * 16);
+            xr[nr] = x + ((n * g.H + ih) * g.W) * C + c0;
+            pr[nr] = pc + kh * K * 16;
+            if (++nr == 2) {
+              gw_row<K, 2>(xr, gr, g, pr);
+              nr = 0;
+            }
           }
+          if (nr == 1) gw_row<K, 1>(xr, gr, g, pr);
         }
       }
     }
