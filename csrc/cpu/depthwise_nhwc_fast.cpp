@@ -159,47 +159,76 @@ void correlate(const float* x, const float* wk, const float* bias, float* out, i
     correlate_impl<K, false>(x, wk, bias, out, N, g);
 }
 
-// acc[j][kw] += sum over the block of go[ow] * x_j[ow - pw + kw] for NR kernel rows j (input
-// rows xr[j]) of one channel block; the grad_output vectors are loaded once for all NR rows.
-template <int K, int NR, int P, bool INTERIOR>
-inline void gw_block(const float* const* xr, const float* gr, int64_t W, int64_t C, int64_t iw0,
-                     __m512 (*acc)[K]) {
-  __m512 gv[P];
-  for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + p * C);
-  for (int j = 0; j < NR; ++j) {
-    __m512 xv[P + K - 1];
-    for (int q = 0; q < P + K - 1; ++q) {
-      const int64_t iw = iw0 + q;
-      xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(xr[j] + iw * C)
-                                                 : _mm512_setzero_ps();
-    }
-    for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
-      for (int kw = 0; kw < K; ++kw)
-        acc[j][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[j][kw]);
-  }
-}
-
-// One grad_output row against NR (1 or 2) input rows: part[j] holds the K tap sums (16 lanes
-// each) of kernel row j, read and written back once per call.
+// Interior pixels [ow0, ow1) (every column they read is inside the image, ow1 - ow0 a multiple
+// of P) of one grad_output row against NR (1 or 2) kernel rows: acc[j][kw] += go[ow] *
+// x_j[ow - pw + kw]. Per block of P pixels the P grad_output vectors are loaded once for all NR
+// rows and the P + K - 1 input vectors of each row once for all K taps; the NR * K tap sums
+// (16 lanes each, in part[j]) stay in registers for the whole range.
 template <int K, int NR>
-__attribute__((noinline)) void gw_row(const float* const* xr, const float* gr, const Geometry& g,
-                                      float* const* part) {
+__attribute__((noinline)) void gw_interior(const float* const* xr, const float* gr, int64_t C,
+                                           int64_t pw, int64_t ow0, int64_t ow1,
+                                           float* const* part) {
   constexpr int P = 4;
   __m512 acc[NR][K];
   for (int j = 0; j < NR; ++j)
     for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
-  int64_t ow = 0;
-  for (; ow + P <= g.OW; ow += P) {
-    const int64_t iw0 = ow - g.pw;
-    if (iw0 >= 0 && iw0 + P + K - 1 <= g.W)
-      gw_block<K, NR, P, true>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
-    else
-      gw_block<K, NR, P, false>(xr, gr + ow * g.C, g.W, g.C, iw0, acc);
+  for (int64_t ow = ow0; ow < ow1; ow += P) {
+    __m512 gv[P];
+    for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + (ow + p) * C);
+    for (int j = 0; j < NR; ++j) {
+      const float* x = xr[j] + (ow - pw) * C;
+      __m512 xv[P + K - 1];
+      for (int q = 0; q < P + K - 1; ++q) {
+        xv[q] = _mm512_loadu_ps(x + q * C);
+        // opaque to the optimiser: GCC would otherwise re-read each vector from memory for
+        // every FMA that uses it (K times), which made this loop load-bound
+        asm("" : "+v"(xv[q]));
+      }
+      for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
+        for (int kw = 0; kw < K; ++kw)
+          acc[j][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[j][kw]);
+    }
   }
-  for (; ow < g.OW; ++ow)
-    gw_block<K, NR, 1, false>(xr, gr + ow * g.C, g.W, g.C, ow - g.pw, acc);
   for (int j = 0; j < NR; ++j)
     for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
+}
+
+// The same sums for single pixels with bounds checks (the border columns).
+template <int K, int NR>
+__attribute__((noinline)) void gw_pixels(const float* const* xr, const float* gr, int64_t W,
+                                         int64_t C, int64_t pw, int64_t ow0, int64_t ow1,
+                                         float* const* part) {
+  if (ow1 <= ow0) return;
+  __m512 acc[NR][K];
+  for (int j = 0; j < NR; ++j)
+    for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
+  for (int64_t ow = ow0; ow < ow1; ++ow) {
+    const __m512 gv = _mm512_loadu_ps(gr + ow * C);
+    for (int j = 0; j < NR; ++j) {
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t iw = ow - pw + kw;
+        const __m512 xv =
+            iw >= 0 && iw < W ? _mm512_loadu_ps(xr[j] + iw * C) : _mm512_setzero_ps();
+        acc[j][kw] = _mm512_fmadd_ps(gv, xv, acc[j][kw]);
+      }
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
+}
+
+// One grad_output row against NR kernel rows: border pixels, interior blocks, border pixels
+// (in column order, so the sums are the same for any split).
+template <int K, int NR>
+void gw_row(const float* const* xr, const float* gr, const Geometry& g, float* const* part) {
+  constexpr int P = 4;
+  // interior: ow - pw >= 0 and ow - pw + K - 1 < W
+  const int64_t lo = std::min<int64_t>(std::max<int64_t>(g.pw, 0), g.OW);
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(g.OW, g.W - K + 1 + g.pw));
+  const int64_t mid = lo + (hi - lo) / P * P;
+  gw_pixels<K, NR>(xr, gr, g.W, g.C, g.pw, 0, lo, part);
+  if (mid > lo) gw_interior<K, NR>(xr, gr, g.C, g.pw, lo, mid, part);
+  gw_pixels<K, NR>(xr, gr, g.W, g.C, g.pw, mid, g.OW, part);
 }
 
 // Fixed number of row chunks for the deterministic grad_weight reduction.
