@@ -420,3 +420,23 @@ def test_backward_op_errors():
         OPS._depthwise_conv2d_grad_weight(g, X, [5, 1, 3, 3], [1, 1], [1, 1], [1, 1])
     with pytest.raises(TypeError, match=r"expected grad_output to have dtype"):
         OPS._depthwise_conv2d_grad_input(g.half(), W.half(), [2, 3, 8, 8], [1, 1], [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k", [3, 7])
+def test_large_outputs_use_streaming_stores_correctly(k, layout):
+    # outputs over 8 MiB take the streaming-store paths (NCHW plane copy, NHWC stores)
+    x, wt, b = _make(3, 16, 1, 256, 256, k, torch.float32, "cpu", bias=True, layout=layout)
+    assert x.numel() * 4 > 8 << 20
+    xa = x.clone().requires_grad_()
+    wa = wt.clone().requires_grad_()
+    out = fastconv.depthwise_conv2d(xa, wa, b, padding=k // 2)
+    g = torch.randn_like(out)
+    out.backward(g)
+    x64 = x.double().requires_grad_()
+    w64 = wt.double().requires_grad_()
+    ref = _torch_dw(x64, w64, b.double(), 1, k // 2, 1)
+    ref.backward(g.double())
+    assert_close(out, ref, torch.float32, reduction=k * k)
+    assert_close(xa.grad, x64.grad, torch.float32, reduction=k * k)
+    assert_close(wa.grad, w64.grad, torch.float32, reduction=out.numel() // out.shape[1])

@@ -231,6 +231,40 @@ class AlignedScratch {
   T* p_;
 };
 
+// Planes of at least this many bytes in a tensor at least kStreamBytes large are computed into
+// an aligned scratch plane (L1) and then written with streaming stores: the output would not
+// stay in cache anyway, and streaming skips reading every line before it is written (a third
+// of the traffic of a memory-bound 3x3 layer). Needs every plane 64-byte aligned.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+template <typename T>
+inline bool stream_planes(const T* base, int64_t plane_elems, int64_t total_elems) {
+#if defined(__AVX512F__)
+  return std::is_same<T, float>::value &&
+         total_elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
+         (plane_elems * static_cast<int64_t>(sizeof(T))) % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(base) % 64 == 0;
+#else
+  (void)base, (void)plane_elems, (void)total_elems;
+  return false;
+#endif
+}
+
+// dst (64-byte aligned) = src (64-byte aligned), n a multiple of 16; the caller fences.
+inline void stream_copy(float* dst, const float* src, int64_t n) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 template <typename scalar_t, typename acc_t>
 void fill_plane(const scalar_t* src, int64_t H, int64_t W, const PlaneBuf& b, acc_t* buf) {
   const int64_t P = b.phases;
@@ -662,9 +696,11 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
   input_tap_offsets(s, b, rowofs, colofs);
   const scalar_t* x = input.data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
+  const bool nt = stream_planes(y, OH * OW, out.numel());
   at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
     AlignedScratch<acc_t> buf(b.size());
     std::vector<acc_t> tmp(kSame ? 0 : OH * OW);
+    AlignedScratch<acc_t> ntbuf(nt ? OH * OW : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n = p / C, c = p % C;
       fill_plane(x + p * H * W, H, W, b, buf.data());
@@ -674,7 +710,7 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
         scalar_t* yp = y + (n * OC + oc) * OH * OW;
         acc_t* dst;
         if constexpr (kSame) {
-          dst = yp;
+          dst = nt ? ntbuf.data() : yp;
         } else {
           dst = tmp.data();
         }
@@ -683,9 +719,12 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
                          OW, k == 0 ? next : Prefetch());
         if constexpr (!kSame) {
           for (int64_t i = 0; i < OH * OW; ++i) yp[i] = static_cast<scalar_t>(tmp[i]);
+        } else if (std::is_same<acc_t, float>::value) {
+          if (nt) stream_copy(reinterpret_cast<float*>(yp), reinterpret_cast<const float*>(dst), OH * OW);
         }
       }
     }
+    if (nt) stream_fence();
   });
 }
 
@@ -998,6 +1037,9 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
           } else if (n + 1 < n1) {
             next.add(x + ((n + 1) * C + c) * H * W, H * W);
             next.add(go + ((n + 1) * OC + c * m) * OH * OW, OH * OW);
+          } else if (t + 1 < end && c + 1 < C) {  // the next task: the same image, channel c + 1
+            next.add(x + (n * C + c + 1) * H * W, H * W);
+            next.add(go + (n * OC + (c + 1) * m) * OH * OW, OH * OW);
           }
           bool done = false;
 #if defined(__AVX512F__)
