@@ -797,7 +797,9 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
   const bool direct = sh == 1 && sw == 1;
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   scalar_t* gi = grad_input.data_ptr<scalar_t>();
+  const bool nt = direct && m == 1 && stream_planes(gi, H * W, grad_input.numel());
   at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
+    AlignedScratch<acc_t> ntbuf(nt ? H * W : 0);
     AlignedScratch<acc_t> buf(b.size());
     std::vector<acc_t> plane(kSame ? 0 : H * W);
     std::vector<acc_t> tmp(direct ? 0 : max_phase);
@@ -807,7 +809,7 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
       const int64_t n = p / C, c = p % C;
       acc_t* dst;
       if constexpr (kSame) {
-        dst = gi + p * H * W;
+        dst = nt ? ntbuf.data() : gi + p * H * W;
       } else {
         dst = plane.data();
       }
@@ -867,8 +869,11 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
       if constexpr (!kSame) {
         scalar_t* gp = gi + p * H * W;
         for (int64_t i = 0; i < H * W; ++i) gp[i] = static_cast<scalar_t>(plane[i]);
+      } else if (std::is_same<acc_t, float>::value) {
+        if (nt) stream_copy(reinterpret_cast<float*>(gi + p * H * W), reinterpret_cast<const float*>(dst), H * W);
       }
     }
+    if (nt) stream_fence();
   });
 }
 
