@@ -168,7 +168,7 @@ template <int K, int NR>
 __attribute__((noinline)) void gw_interior(const float* const* xr, const float* gr, int64_t C,
                                            int64_t pw, int64_t ow0, int64_t ow1,
                                            float* const* part) {
-  constexpr int P = 4;
+  constexpr int P = NR == 1 ? 8 : 4;
   __m512 acc[NR][K];
   for (int j = 0; j < NR; ++j)
     for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
@@ -221,7 +221,7 @@ __attribute__((noinline)) void gw_pixels(const float* const* xr, const float* gr
 // (in column order, so the sums are the same for any split).
 template <int K, int NR>
 void gw_row(const float* const* xr, const float* gr, const Geometry& g, float* const* part) {
-  constexpr int P = 4;
+  constexpr int P = NR == 1 ? 8 : 4;
   // interior: ow - pw >= 0 and ow - pw + K - 1 < W
   const int64_t lo = std::min<int64_t>(std::max<int64_t>(g.pw, 0), g.OW);
   const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(g.OW, g.W - K + 1 + g.pw));
@@ -255,22 +255,15 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
           prefetch_part(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           float* pc = part + c0 * K * K;
           const float* gr = go + t * g.OW * C + c0;
-          // kernel rows two at a time (2K accumulators, each grad_output vector loaded once
-          // for both), the rows inside the image only
-          const float* xr[2];
-          float* pr[2];
-          int nr = 0;
+          // one kernel row per pass, blocks of 8 pixels (measured faster than two rows with
+          // blocks of 4: 1.23 vs 1.37 ms for 7x7), the rows inside the image only
           for (int kh = 0; kh < K; ++kh) {
             const int64_t ih = oh - g.ph + kh;
             if (ih < 0 || ih >= g.H) continue;
-            xr[nr] = x + ((n * g.H + ih) * g.W) * C + c0;
-            pr[nr] = pc + kh * K * 16;
-            if (++nr == 2) {
-              gw_row<K, 2>(xr, gr, g, pr);
-              nr = 0;
-            }
+            const float* xr[1] = {x + ((n * g.H + ih) * g.W) * C + c0};
+            float* pr[1] = {pc + kh * K * 16};
+            gw_row<K, 1>(xr, gr, g, pr);
           }
-          if (nr == 1) gw_row<K, 1>(xr, gr, g, pr);
         }
       }
     }
