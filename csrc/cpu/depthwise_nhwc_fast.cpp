@@ -159,35 +159,48 @@ void correlate(const float* x, const float* wk, const float* bias, float* out, i
     correlate_impl<K, false>(x, wk, bias, out, N, g);
 }
 
-// Interior pixels [ow0, ow1) (every column they read is inside the image, ow1 - ow0 a multiple
-// of P) of one grad_output row against NR (1 or 2) kernel rows: acc[j][kw] += go[ow] *
-// x_j[ow - pw + kw]. Per block of P pixels the P grad_output vectors are loaded once for all NR
-// rows and the P + K - 1 input vectors of each row once for all K taps; the NR * K tap sums
-// (16 lanes each, in part[j]) stay in registers for the whole range.
+// One block of P pixels from ow of one grad_output row against NR (1 or 2) kernel rows:
+// acc[j][kw] += go[ow + p] * x_j[ow + p - pw + kw]. The P grad_output vectors are loaded once
+// for all NR rows and the P + K - 1 input vectors of each row once for all K taps. INTERIOR:
+// every column read is inside the image; otherwise columns outside read as zero.
+template <int K, int NR, int P, bool INTERIOR>
+__attribute__((always_inline)) inline void gw_block(const float* const* xr, const float* gr,
+                                                    int64_t W, int64_t C, int64_t pw,
+                                                    int64_t ow, __m512 (*acc)[K]) {
+  __m512 gv[P];
+  for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + (ow + p) * C);
+  for (int j = 0; j < NR; ++j) {
+    __m512 xv[P + K - 1];
+    for (int q = 0; q < P + K - 1; ++q) {
+      const int64_t iw = ow - pw + q;
+      xv[q] = INTERIOR || (iw >= 0 && iw < W) ? _mm512_loadu_ps(xr[j] + iw * C)
+                                               : _mm512_setzero_ps();
+      // opaque to the optimiser: GCC would otherwise re-read each vector from memory for
+      // every FMA that uses it (K times), which made this loop load-bound
+      asm("" : "+v"(xv[q]));
+    }
+    for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
+      for (int kw = 0; kw < K; ++kw)
+        acc[j][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[j][kw]);
+  }
+}
+
+// Full blocks of P pixels over [0, nblk * P) of one row; the NR * K tap sums (16 lanes each, in
+// part[j]) stay in registers for the whole row.
 template <int K, int NR>
-__attribute__((noinline)) void gw_interior(const float* const* xr, const float* gr, int64_t C,
-                                           int64_t pw, int64_t ow0, int64_t ow1,
-                                           float* const* part) {
+__attribute__((noinline)) void gw_blocks(const float* const* xr, const float* gr, int64_t W,
+                                         int64_t C, int64_t pw, int64_t nblk,
+                                         float* const* part) {
   constexpr int P = NR == 1 ? 8 : 4;
   __m512 acc[NR][K];
   for (int j = 0; j < NR; ++j)
     for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
-  for (int64_t ow = ow0; ow < ow1; ow += P) {
-    __m512 gv[P];
-    for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + (ow + p) * C);
-    for (int j = 0; j < NR; ++j) {
-      const float* x = xr[j] + (ow - pw) * C;
-      __m512 xv[P + K - 1];
-      for (int q = 0; q < P + K - 1; ++q) {
-        xv[q] = _mm512_loadu_ps(x + q * C);
-        // opaque to the optimiser: GCC would otherwise re-read each vector from memory for
-        // every FMA that uses it (K times), which made this loop load-bound
-        asm("" : "+v"(xv[q]));
-      }
-      for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
-        for (int kw = 0; kw < K; ++kw)
-          acc[j][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[j][kw]);
-    }
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t ow = b * P;
+    if (ow - pw >= 0 && ow - pw + P + K - 1 <= W)
+      gw_block<K, NR, P, true>(xr, gr, W, C, pw, ow, acc);
+    else
+      gw_block<K, NR, P, false>(xr, gr, W, C, pw, ow, acc);
   }
   for (int j = 0; j < NR; ++j)
     for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
@@ -217,18 +230,14 @@ __attribute__((noinline)) void gw_pixels(const float* const* xr, const float* gr
     for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
 }
 
-// One grad_output row against NR kernel rows: border pixels, interior blocks, border pixels
-// (in column order, so the sums are the same for any split).
+// One grad_output row against NR kernel rows: full blocks, then the last OW % P pixels one by
+// one (in column order, so the sums are the same for any split of the work).
 template <int K, int NR>
 void gw_row(const float* const* xr, const float* gr, const Geometry& g, float* const* part) {
   constexpr int P = NR == 1 ? 8 : 4;
-  // interior: ow - pw >= 0 and ow - pw + K - 1 < W
-  const int64_t lo = std::min<int64_t>(std::max<int64_t>(g.pw, 0), g.OW);
-  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(g.OW, g.W - K + 1 + g.pw));
-  const int64_t mid = lo + (hi - lo) / P * P;
-  gw_pixels<K, NR>(xr, gr, g.W, g.C, g.pw, 0, lo, part);
-  if (mid > lo) gw_interior<K, NR>(xr, gr, g.C, g.pw, lo, mid, part);
-  gw_pixels<K, NR>(xr, gr, g.W, g.C, g.pw, mid, g.OW, part);
+  const int64_t nblk = g.OW / P;
+  if (nblk > 0) gw_blocks<K, NR>(xr, gr, g.W, g.C, g.pw, nblk, part);
+  gw_pixels<K, NR>(xr, gr, g.W, g.C, g.pw, nblk * P, g.OW, part);
 }
 
 // Fixed number of row chunks for the deterministic grad_weight reduction.
