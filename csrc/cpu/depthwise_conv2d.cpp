@@ -46,6 +46,7 @@
 #include "common/shape.h"
 #include "cpu/depthwise_fast.h"
 #include "cpu/kernels.h"
+#include "cpu/static_for.h"
 
 #if defined(__clang__)
 #define FC_IVDEP _Pragma("clang loop vectorize(assume_safety)")
@@ -401,15 +402,6 @@ void conv_rows_impl(const T* buf, int64_t pitch, int64_t row_step, const int64_t
 // vector then feeds the accumulators of up to KH output rows, with the weight as an embedded
 // broadcast. The last vector may be partial: masked stores (and loads when accumulating); its
 // loads read past the row into the next row or the buffer's slack (see PlaneBuf::size).
-template <typename F, int... I>
-inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>()), ...);
-}
-template <int N, typename F>
-inline void static_for(F&& f) {  // f(integral_constant<int, 0>), ..., f(<N - 1>)
-  static_for_impl(f, std::make_integer_sequence<int, N>());
-}
-
 template <int S>
 inline __m512 fc_shift(__m512 lo, __m512 hi) {
   if constexpr (S == 0) {

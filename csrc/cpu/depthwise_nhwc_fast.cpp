@@ -22,6 +22,7 @@
 // added in chunk order: the result is the same bits for any number of threads.
 
 #include "cpu/depthwise_fast.h"
+#include "cpu/static_for.h"
 
 #include <ATen/Parallel.h>
 
@@ -37,15 +38,6 @@ namespace fastconv {
 
 #if defined(__AVX512F__)
 namespace {
-
-template <typename F, int... I>
-inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>()), ...);
-}
-template <int N, typename F>
-inline void unroll(F&& f) {  // f(integral_constant<int, 0>), ..., f(<N - 1>)
-  unroll_impl(f, std::make_integer_sequence<int, N>());
-}
 
 // Prefetch part i of n of [p, p + bytes) into L2. The kernels read each image row in C / 16
 // strided passes (one per channel block), which the hardware prefetchers do not run ahead of;
@@ -73,7 +65,7 @@ __attribute__((noinline)) void corr_block(const float* const* rows, int64_t W, i
                                           int64_t iw0, const float* w, __m512 init, float* o) {
   __m512 acc[P];
   for (int p = 0; p < P; ++p) acc[p] = init;
-  unroll<K>([&](auto khc) {
+  static_for<K>([&](auto khc) {
     constexpr int kh = decltype(khc)::value;
     const float* r = rows[kh];
     if (r == nullptr) return;
@@ -83,7 +75,7 @@ __attribute__((noinline)) void corr_block(const float* const* rows, int64_t W, i
       xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(r + iw * C)
                                                  : _mm512_setzero_ps();
     }
-    unroll<K>([&](auto kwc) {
+    static_for<K>([&](auto kwc) {
       constexpr int kw = decltype(kwc)::value;
       const __m512 wv = _mm512_loadu_ps(w + (kh * K + kw) * C);
       for (int p = 0; p < P; ++p) acc[p] = _mm512_fmadd_ps(xv[p + kw], wv, acc[p]);
