@@ -54,6 +54,11 @@
 #include "cpu/conv2d.h"
 #include "cpu/conv2d_gemm.h"
 
+// kWorkerThreads: at::parallel_for's worker threads do not inherit the caller's dispatch state.
+// The at::mm back end calls ATen ops there on views of the inputs, which may require grad; without
+// the guard those calls would go through autograd (at::mm_out then refuses outright: "functions
+// with out=... arguments don't support automatic differentiation"). The guard makes each worker
+// dispatch below autograd, as the calling thread already does inside this kernel.
 namespace fastconv {
 namespace conv2d_cpu {
 namespace {
@@ -332,6 +337,7 @@ void forward_mm(const at::Tensor& input, const at::Tensor& weight, const at::Ten
 
   const int64_t grain = parallel_grain(O * Kg * t.nb * t.rows * OW);
   at::parallel_for(0, t.count(), grain, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     const int64_t max_cols = K * t.nb * t.rows * OW;
     at::Tensor cols_buf = scratch<scalar_t>(pointwise && t.nb == 1 ? 0 : max_cols, out);
     at::Tensor packed_buf = scratch<scalar_t>(t.nb > 1 ? O * t.nb * L : 0, out);
@@ -390,6 +396,7 @@ void grad_input_mm(const at::Tensor& grad_output, const at::Tensor& weight,
 
   const int64_t grain = parallel_grain(O * Kg * t.nb * max_out_rows * OW);
   at::parallel_for(0, t.count(), grain, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     at::Tensor cols_buf =
         scratch<scalar_t>(pointwise && t.nb == 1 ? 0 : K * t.nb * max_out_rows * OW, grad_input);
     at::Tensor packed_buf = scratch<scalar_t>(t.nb > 1 ? O * t.nb * L : 0, grad_input);
@@ -463,6 +470,7 @@ void grad_weight_mm(const at::Tensor& grad_output, const at::Tensor& input,
                                                        c10::CppTypeToScalarType<acc_t>::value));
 
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     at::Tensor cols_buf =
         scratch<scalar_t>(pointwise && t.nb == 1 ? 0 : K * t.nb * t.rows * OW, grad_output);
     at::Tensor packed_buf = scratch<scalar_t>(t.nb > 1 ? O * t.nb * L : 0, grad_output);
@@ -726,6 +734,7 @@ at::Tensor pack_weight(const at::Tensor& weight, const Conv2dShape& s, bool tran
   const T* w = weight.const_data_ptr<T>();
   T* ap = packed.mutable_data_ptr<T>();
   at::parallel_for(0, G, parallel_grain(Og * Kg), [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     for (int64_t g = begin; g < end; ++g) {
       if (transpose) {
         gemm::pack_a(w + g * Og * Kg, 1, Kg, Kg, Og, ap + g * size);
@@ -756,6 +765,7 @@ void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::T
 
   at::parallel_for(0, t.count(), parallel_grain(O * Kg * t.nb * t.rows * OW),
                    [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     // a 1x1 / stride 1 / unpadded convolution of whole images reads the input in place
     const bool in_place = pointwise && t.nb == 1;
     at::Tensor cols_buf = scratch<T>(in_place ? 0 : gemm::kKC * block_ld, out);
@@ -823,6 +833,7 @@ void grad_input_gemm(const at::Tensor& grad_output, const at::Tensor& weight,
 
   at::parallel_for(0, t.count(), parallel_grain(O * Kg * max_cols),
                    [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     const bool direct_write = pointwise && t.nb == 1;
     at::Tensor cols_buf =
         scratch<T>(direct_write ? 0 : block_channels * KK * max_cols, grad_input);
@@ -905,6 +916,7 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
   at::Tensor partial = at::zeros({parts, O, Kg}, grad_output.options());
 
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
     const bool in_place = pointwise && t.nb == 1;  // the input rows are the columns
     at::Tensor cols_buf = scratch<T>(in_place ? 0 : kRows * kKT, grad_output);
     at::Tensor packed_buf = scratch<T>(t.nb > 1 ? O * t.nb * L : 0, grad_output);
