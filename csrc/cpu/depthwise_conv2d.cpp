@@ -46,6 +46,7 @@
 #include "common/shape.h"
 #include "cpu/depthwise_fast.h"
 #include "cpu/kernels.h"
+#include "cpu/memory_hints.h"
 #include "cpu/static_for.h"
 
 #if defined(__clang__)
@@ -125,21 +126,6 @@ inline int64_t div_floor(int64_t a, int64_t b) {  // b > 0
 }
 inline int64_t div_ceil(int64_t a, int64_t b) { return -div_floor(-a, b); }
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
-
-// Software prefetch of memory a kernel will read next (the next plane or image row) while it
-// computes on the current one: the hardware prefetchers follow a stream only while it is being
-// read, and these kernels alternate short copy bursts with long compute phases, so without
-// this every burst would wait for DRAM. The empty asm keeps GCC from deeming the function pure
-// (__builtin_prefetch has no side effects of its own) and deleting calls to it.
-inline void prefetch_slice(const char* b, int64_t bytes, int64_t i, int64_t n) {
-  if (b == nullptr || n <= 0) return;
-  const int64_t chunk = (bytes / n + 64) & ~int64_t(63);
-  const int64_t end = std::min(bytes, (i + 1) * chunk);
-  for (int64_t o = i * chunk; o < end; o += 64) {
-    __builtin_prefetch(b + o, 0, 2);
-    asm volatile("");
-  }
-}
 
 // Up to two byte ranges; part(i, n) prefetches the i-th of n slices of each, so a kernel can
 // spread the prefetches over its rows or tiles.
@@ -232,17 +218,14 @@ class AlignedScratch {
   T* p_;
 };
 
-// Planes of at least this many bytes in a tensor at least kStreamBytes large are computed into
-// an aligned scratch plane (L1) and then written with streaming stores: the output would not
-// stay in cache anyway, and streaming skips reading every line before it is written (a third
-// of the traffic of a memory-bound 3x3 layer). Needs every plane 64-byte aligned.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// NCHW outputs of at least kStreamingStoreBytes are computed plane by plane into an aligned
+// scratch plane (L1) and then written with streaming stores. Needs every plane 64-byte aligned.
 
 template <typename T>
 inline bool stream_planes(const T* base, int64_t plane_elems, int64_t total_elems) {
 #if defined(__AVX512F__)
   return std::is_same<T, float>::value &&
-         total_elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
+         total_elems * static_cast<int64_t>(sizeof(T)) >= kStreamingStoreBytes &&
          (plane_elems * static_cast<int64_t>(sizeof(T))) % 64 == 0 &&
          reinterpret_cast<uintptr_t>(base) % 64 == 0;
 #else
@@ -260,11 +243,6 @@ inline void stream_copy(float* dst, const float* src, int64_t n) {
 #endif
 }
 
-inline void stream_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
 
 template <typename scalar_t, typename acc_t>
 void fill_plane(const scalar_t* src, int64_t H, int64_t W, const PlaneBuf& b, acc_t* buf) {
@@ -716,7 +694,7 @@ void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional
         }
       }
     }
-    if (nt) stream_fence();
+    if (nt) nt_fence();
   });
 }
 
@@ -865,7 +843,7 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
         if (nt) stream_copy(reinterpret_cast<float*>(gi + p * H * W), reinterpret_cast<const float*>(dst), H * W);
       }
     }
-    if (nt) stream_fence();
+    if (nt) nt_fence();
   });
 }
 
@@ -1137,15 +1115,6 @@ std::vector<acc_t> nhwc_weights(const Tensor& weight, int64_t C, int64_t m, int6
   return wt;
 }
 
-inline void nt_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
-
-// Outputs at least this large are written with streaming stores (see vstore_from).
-constexpr int64_t kStreamingStoreBytes = int64_t(8) << 20;
-
 template <int L>
 inline int64_t count_channel_blocks(int64_t C) {
   int64_t n = 0;
@@ -1234,7 +1203,7 @@ class RowCache {
     fill(image, image_id, r, p1);
     const int64_t ctot = groups_ * ch_;
     const scalar_t* src = image + r * cols_ * ctot;
-    prefetch_slice(reinterpret_cast<const char*>(src + p1 * ctot),
+    prefetch_slice(src + p1 * ctot,
                    (p2 - p1) * ctot * static_cast<int64_t>(sizeof(scalar_t)), 0, 1);
   }
 

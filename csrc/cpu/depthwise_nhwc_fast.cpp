@@ -22,6 +22,7 @@
 // added in chunk order: the result is the same bits for any number of threads.
 
 #include "cpu/depthwise_fast.h"
+#include "cpu/memory_hints.h"
 #include "cpu/static_for.h"
 
 #include <ATen/Parallel.h>
@@ -39,18 +40,9 @@ namespace fastconv {
 #if defined(__AVX512F__)
 namespace {
 
-// Prefetch part i of n of [p, p + bytes) into L2. The kernels read each image row in C / 16
-// strided passes (one per channel block), which the hardware prefetchers do not run ahead of;
-// each task fetches the one row the next task will need that it has not, spread over its
-// channel blocks so that the requests trickle out between FMAs.
-inline void prefetch_part(const float* p, int64_t bytes, int64_t i, int64_t n) {
-  if (p == nullptr) return;
-  const char* b = reinterpret_cast<const char*>(p);
-  const int64_t chunk = (bytes / n + 63) & ~int64_t(63);
-  const int64_t end = std::min(bytes, (i + 1) * chunk);
-  for (int64_t o = i * chunk; o < end; o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
-}
-
+// The kernels read each image row in C / 16 strided passes (one per channel block), which the
+// hardware prefetchers do not run ahead of: each task prefetches (prefetch_slice) the one row
+// the next task will need that it has not read, spread over its channel blocks.
 struct Geometry {
   int64_t H, W, C;    // input of the correlation (x, or grad_output for grad_input)
   int64_t OH, OW;     // its output
@@ -102,12 +94,6 @@ inline void corr_blocks(const float* const* rows, const Geometry& g, const float
 }
 
 // wk[(kh * K + kw) * C + c]: the tap weights, channel-contiguous; bias[c] or nullptr.
-// Outputs at least this large are written with streaming (non-temporal) stores: they would not
-// stay in cache anyway, and streaming skips reading each line before writing it (a third of
-// the traffic of a memory-bound 3x3 layer). Needs 64-byte aligned rows: C % 16 == 0 and
-// torch's CPU allocator aligns every tensor to 64 bytes.
-constexpr int64_t kStreamingBytes = int64_t(8) << 20;
-
 template <int K, bool NT>
 void correlate_impl(const float* x, const float* wk, const float* bias, float* out, int64_t N,
                const Geometry& g) {
@@ -124,7 +110,7 @@ void correlate_impl(const float* x, const float* wk, const float* bias, float* o
                               ? x + (n * g.H + ih_next) * g.W * C
                               : nullptr;
       for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        prefetch_part(next, row_bytes, c0 / 16, C / 16);
+        prefetch_slice(next, row_bytes, c0 / 16, C / 16);
         for (int kh = 0; kh < K; ++kh) {
           const int64_t ih = oh - g.ph + kh;
           rows[kh] = ih < 0 || ih >= g.H ? nullptr : x + ((n * g.H + ih) * g.W) * C + c0;
@@ -136,14 +122,14 @@ void correlate_impl(const float* x, const float* wk, const float* bias, float* o
         corr_blocks<K, 1, NT>(rows, g, wk + c0, init, orow + c0, ow);
       }
     }
-    if (NT) _mm_sfence();
+    if (NT) nt_fence();
   });
 }
 
 template <int K>
 void correlate(const float* x, const float* wk, const float* bias, float* out, int64_t N,
                const Geometry& g) {
-  const bool nt = N * g.OH * g.OW * g.C * int64_t(sizeof(float)) >= kStreamingBytes &&
+  const bool nt = N * g.OH * g.OW * g.C * int64_t(sizeof(float)) >= kStreamingStoreBytes &&
                   reinterpret_cast<uintptr_t>(out) % 64 == 0;
   if (nt)
     correlate_impl<K, true>(x, wk, bias, out, N, g);
@@ -252,8 +238,8 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
             more && ih_next >= 0 && ih_next < g.H ? x + (n * g.H + ih_next) * g.W * C : nullptr;
         const float* next_g = more ? go + (t + 1) * g.OW * C : nullptr;
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          prefetch_part(next_x, g.W * C * int64_t(sizeof(float)), c0 / 16, C / 16);
-          prefetch_part(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
+          prefetch_slice(next_x, g.W * C * int64_t(sizeof(float)), c0 / 16, C / 16);
+          prefetch_slice(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           float* pc = part + c0 * K * K;
           const float* gr = go + t * g.OW * C + c0;
           // one kernel row per pass, blocks of 8 pixels (measured faster than two rows with
