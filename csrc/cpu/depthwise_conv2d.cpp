@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -65,14 +66,6 @@ namespace {
 
 using at::Tensor;
 
-template <typename T>
-struct AccOf {
-  using type = T;
-};
-template <>
-struct AccOf<c10::BFloat16> {
-  using type = float;
-};
 
 // Elements of T in one 64-byte vector (the channel block of the NHWC kernels and the lane count
 // of the grad_weight accumulators).
@@ -593,14 +586,10 @@ void conv_rows(const T* buf, int64_t pitch, int64_t row_step, const int64_t* row
     for (int64_t kh = 0; kh < nkh; ++kh) row_unit = row_unit && rowofs[kh] == rowofs[0] + kh;
     if (unit && row_unit && colofs[0] == 0 && pitch % 16 == 0 &&
         reinterpret_cast<uintptr_t>(buf) % 64 == 0 && nkh == nkw &&
-        (nkh == 3 || nkh == 5 || nkh == 7)) {
-      const auto call = [&](auto k) {
-        conv_rows_avx512<decltype(k)::value, decltype(k)::value, ACCUM>(
-            buf, pitch, rowofs[0], wts, init, out, out_pitch, rows, cols, pf);
-      };
-      if (nkh == 3) call(std::integral_constant<int, 3>());
-      if (nkh == 5) call(std::integral_constant<int, 5>());
-      if (nkh == 7) call(std::integral_constant<int, 7>());
+        with_fixed_kernel(nkh, [&](auto k) {
+          conv_rows_avx512<decltype(k)::value, decltype(k)::value, ACCUM>(
+              buf, pitch, rowofs[0], wts, init, out, out_pitch, rows, cols, pf);
+        })) {
       return;
     }
   }
@@ -655,7 +644,7 @@ inline void input_tap_offsets(const Conv2dShape& s, const PlaneBuf& b,
 template <typename scalar_t>
 void forward_nchw(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                   Tensor& out, const Conv2dShape& s) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
   const int64_t C = s.in_channels, H = s.in_h, W = s.in_w, OC = s.out_channels;
   const int64_t m = OC / C, OH = s.out_h, OW = s.out_w, K2 = s.kernel_h * s.kernel_w;
@@ -743,7 +732,7 @@ inline std::vector<PhaseTaps> phase_taps(int64_t in, int64_t out, int64_t k, int
 template <typename scalar_t>
 void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
                      const Conv2dShape& s) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
   const int64_t C = s.in_channels, H = s.in_h, W = s.in_w, OC = s.out_channels;
   const int64_t m = OC / C, OH = s.out_h, OW = s.out_w, KW = s.kernel_w;
@@ -961,7 +950,7 @@ inline int64_t batch_chunks(int64_t batch, int64_t /*channels*/) {
 template <typename scalar_t>
 void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& grad_weight,
                       const Conv2dShape& s) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
   constexpr int V = kLanes<acc_t>;
   const int64_t N = s.batch, C = s.in_channels, H = s.in_h, W = s.in_w, OC = s.out_channels;
@@ -1024,9 +1013,10 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
               for (int64_t oh = 0; oh < OH; ++oh)
                 std::copy(g + oh * OW, g + (oh + 1) * OW, gb.data() + oh * gpitch + 16);
               float* av = accv.data() + k * K2 * V;
-              if (K == 3) done = gw_plane_avx512<3>(buf.data(), b.pitch, gb.data(), gpitch, OH, OW, av);
-              if (K == 5) done = gw_plane_avx512<5>(buf.data(), b.pitch, gb.data(), gpitch, OH, OW, av);
-              if (K == 7) done = gw_plane_avx512<7>(buf.data(), b.pitch, gb.data(), gpitch, OH, OW, av);
+              with_fixed_kernel(K, [&](auto kc) {
+                done = gw_plane_avx512<decltype(kc)::value>(buf.data(), b.pitch, gb.data(),
+                                                            gpitch, OH, OW, av);
+              });
             }
           }
 #endif
@@ -1361,9 +1351,9 @@ inline void for_channel_blocks_unit(int64_t C, bool unit, F&& f) {
 // the input. Per row: pixel tiles, then multiplier index k, then channel blocks.
 template <int KH, int KW, typename scalar_t>
 void forward_nhwc_impl(const NhwcShape& a, int64_t batch, const scalar_t* x,
-                       const std::vector<typename AccOf<scalar_t>::type>& wt,
-                       const std::vector<typename AccOf<scalar_t>::type>& bt, scalar_t* y) {
-  using acc_t = typename AccOf<scalar_t>::type;
+                       const std::vector<at::opmath_type<scalar_t>>& wt,
+                       const std::vector<at::opmath_type<scalar_t>>& bt, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t K2 = a.KH * a.KW, OCk = a.m * a.C;
   const int64_t rpad =
       std::max<int64_t>(0, (a.OW - 1) * a.sw + (a.KW - 1) * a.dw + 1 - a.pw - a.W);
@@ -1429,7 +1419,7 @@ inline Tensor to_k_major(const Tensor& t_cl, int64_t C, int64_t m) {
 template <typename scalar_t>
 void forward_nhwc(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                   Tensor& out, const Conv2dShape& s) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   NhwcShape a = nhwc_shape(s);
   a.nt = a.m == 1 && out.nbytes() >= static_cast<size_t>(kStreamingStoreBytes);
   const int64_t K2 = a.KH * a.KW;
@@ -1621,7 +1611,7 @@ struct GradInputNhwc {
 template <typename scalar_t>
 void grad_input_nhwc(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
                      const Conv2dShape& s) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   NhwcShape a = nhwc_shape(s);
   a.nt = grad_input.nbytes() >= static_cast<size_t>(kStreamingStoreBytes);
   const auto wt = nhwc_weights<acc_t, scalar_t>(weight, a.C, a.m, a.KH * a.KW);
@@ -1752,7 +1742,7 @@ struct GradWeightNhwc {
 template <typename scalar_t>
 void grad_weight_nhwc(const Tensor& grad_output, const Tensor& input, Tensor& grad_weight,
                       const Conv2dShape& s) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   const NhwcShape a = nhwc_shape(s);
   const int64_t K2 = a.KH * a.KW, OCk = a.m * a.C;
   const Tensor gokm = to_k_major(grad_output, a.C, a.m);

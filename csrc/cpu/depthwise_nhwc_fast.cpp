@@ -271,16 +271,6 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
   }
 }
 
-template <typename F>
-bool with_kernel_size(int64_t k, F&& f) {
-  switch (k) {
-    case 3: f(std::integral_constant<int, 3>()); return true;
-    case 5: f(std::integral_constant<int, 5>()); return true;
-    case 7: f(std::integral_constant<int, 7>()); return true;
-    default: return false;
-  }
-}
-
 // w: the (C, 1, K, K) weight, contiguous. wk[(kh * K + kw) * C + c], flipped if asked.
 std::vector<float> taps_by_channel(const at::Tensor& weight, int64_t C, int64_t K, bool flip) {
   std::vector<float> wk(static_cast<size_t>(K * K * C));
@@ -306,7 +296,7 @@ bool depthwise_nhwc_fast_forward(const at::Tensor& x, const at::Tensor& weight,
   const Geometry g{s.in_h, s.in_w, C, s.out_h, s.out_w, s.pad_h, s.pad_w};
   const std::vector<float> wk = taps_by_channel(weight, C, K, false);
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  return with_kernel_size(K, [&](auto kc) {
+  return with_fixed_kernel(K, [&](auto kc) {
     correlate<decltype(kc)::value>(x.data_ptr<float>(), wk.data(), b, out.data_ptr<float>(),
                                    s.batch, g);
   });
@@ -319,7 +309,7 @@ bool depthwise_nhwc_fast_grad_input(const at::Tensor& grad_output, const at::Ten
   // correlation of grad_output (OH x OW) with the flipped kernel, padding K - 1 - p
   const Geometry g{s.out_h, s.out_w, C, s.in_h, s.in_w, K - 1 - s.pad_h, K - 1 - s.pad_w};
   const std::vector<float> wk = taps_by_channel(weight, C, K, true);
-  return with_kernel_size(K, [&](auto kc) {
+  return with_fixed_kernel(K, [&](auto kc) {
     correlate<decltype(kc)::value>(grad_output.data_ptr<float>(), wk.data(), nullptr,
                                    grad_input.data_ptr<float>(), s.batch, g);
   });
@@ -329,7 +319,7 @@ bool depthwise_nhwc_fast_grad_weight(const at::Tensor& grad_output, const at::Te
                                      at::Tensor& grad_weight, const Conv2dShape& s) {
   if (!depthwise_nhwc_fast_applies(x, s) || !grad_weight.is_contiguous()) return false;
   const Geometry g{s.in_h, s.in_w, s.in_channels, s.out_h, s.out_w, s.pad_h, s.pad_w};
-  return with_kernel_size(s.kernel_h, [&](auto kc) {
+  return with_fixed_kernel(s.kernel_h, [&](auto kc) {
     grad_weight_rows<decltype(kc)::value>(x.data_ptr<float>(), grad_output.data_ptr<float>(),
                                           grad_weight.data_ptr<float>(), s.batch, g);
   });

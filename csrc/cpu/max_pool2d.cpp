@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -58,14 +59,6 @@ namespace {
 constexpr const char* kFwdOp = "max_pool2d";
 constexpr const char* kBwdOp = "_max_pool2d_backward";
 
-template <typename T>
-struct AccType {
-  using type = T;
-};
-template <>
-struct AccType<c10::BFloat16> {
-  using type = float;
-};
 
 template <typename acc_t, typename scalar_t>
 inline acc_t to_acc(scalar_t v) {
@@ -163,7 +156,7 @@ template <typename scalar_t, PoolIndices M>
 void max_pool2d_scalar(const scalar_t* in, scalar_t* out, void* idx_ptr, const Pool2dShape& s,
                        int64_t in_sn, int64_t in_sc, int64_t in_sh, int64_t in_sw,
                        int64_t out_sn, int64_t out_sc, int64_t out_sh, int64_t out_sw) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t grain = grain_for(s.out_h * s.out_w * max_pool2d_taps(s));
   at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
@@ -280,7 +273,7 @@ void hmax_row(const scalar_t* x, const Pool2dShape& s, const Interior& iw, acc_t
 
 template <int KW, int SW, typename scalar_t, PoolIndices M>
 void max_pool2d_nchw(const scalar_t* in, scalar_t* out, void* idx_ptr, const Pool2dShape& s) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr bool IDX = M != PoolIndices::kNone;
   const int64_t planes = s.batch * s.channels;
   const int64_t H = s.in_h, W = s.in_w, OH = s.out_h, OW = s.out_w;
@@ -374,7 +367,7 @@ template <int CB, typename scalar_t, PoolIndices M>
 inline void cl_window(const scalar_t* __restrict xn, scalar_t* __restrict y, void* idx_out,
                       int64_t cb, const Pool2dShape& s, int64_t h0, int64_t w0,
                       const TapRange& ri, const TapRange& rj) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   using idx_t = std::conditional_t<M == PoolIndices::kFull, int64_t, int32_t>;
   constexpr bool IDX = M != PoolIndices::kNone;
   const int64_t n = CB ? CB : cb;  // CB == 0: a tail block of cb < kMaxCB channels
@@ -534,7 +527,7 @@ std::vector<std::vector<ColTap>> column_classes(const Pool2dShape& s) {
 template <typename scalar_t, typename index_t>
 void max_pool2d_backward_nchw(const scalar_t* g, const index_t* idx, scalar_t* gi,
                               const Pool2dShape& s) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFull = std::is_same<index_t, int64_t>::value;
   const int64_t planes = s.batch * s.channels;
   const int64_t H = s.in_h, W = s.in_w, OH = s.out_h, OW = s.out_w;
@@ -622,7 +615,7 @@ template <int CB, typename scalar_t, typename index_t>
 inline void cl_gather(const scalar_t* __restrict gn, const index_t* __restrict in_idx,
                       scalar_t* __restrict y, int64_t cb, const Pool2dShape& s, int64_t h,
                       int64_t w, const Cand* hc, int nh, const Cand* wc, int nw) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kFull = std::is_same<index_t, int64_t>::value;
   const int64_t n = CB ? CB : cb;  // CB == 0: a tail block of cb < kMaxCB channels
   const int64_t C = s.channels;
@@ -1269,7 +1262,7 @@ std::string py_dtype(at::ScalarType t) {
 template <typename scalar_t, PoolIndices M>
 void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, void* ip, const Pool2dShape& s) {
 #ifdef FASTCONV_MP_AVX512
-  if constexpr (std::is_same<typename AccType<scalar_t>::type, float>::value) {
+  if constexpr (std::is_same<at::opmath_type<scalar_t>, float>::value) {
     if (s.stride_w == 2) {
       if (s.kernel_w == 3) return simd::max_pool2d_nchw<2, 3, scalar_t, M>(x, y, ip, s);
       if (s.kernel_w == 2) return simd::max_pool2d_nchw<2, 2, scalar_t, M>(x, y, ip, s);
@@ -1296,7 +1289,7 @@ template <typename scalar_t, typename index_t>
 void backward_nchw_dispatch(const scalar_t* g, const index_t* ix, scalar_t* gi,
                             const Pool2dShape& s) {
 #ifdef FASTCONV_MP_AVX512
-  if constexpr (std::is_same<typename AccType<scalar_t>::type, float>::value) {
+  if constexpr (std::is_same<at::opmath_type<scalar_t>, float>::value) {
     if (s.stride_w == 1) return simd::max_pool2d_backward_nchw<1>(g, ix, gi, s);
     if (s.stride_w == 2) return simd::max_pool2d_backward_nchw<2>(g, ix, gi, s);
   }
@@ -1308,7 +1301,7 @@ template <typename scalar_t, typename index_t>
 void backward_channels_last_dispatch(const scalar_t* g, const index_t* ix, scalar_t* gi,
                                      const Pool2dShape& s) {
 #ifdef FASTCONV_MP_AVX512
-  if constexpr (std::is_same<typename AccType<scalar_t>::type, float>::value) {
+  if constexpr (std::is_same<at::opmath_type<scalar_t>, float>::value) {
     return simd::max_pool2d_backward_channels_last(g, ix, gi, s);
   }
 #endif
@@ -1327,7 +1320,7 @@ void forward_impl(const at::Tensor& x, at::Tensor& out, at::Tensor& idx, const P
                                    out.stride(3));
   } else if (channels_last) {
 #ifdef FASTCONV_MP_AVX512
-    if constexpr (std::is_same<typename AccType<scalar_t>::type, float>::value) {
+    if constexpr (std::is_same<at::opmath_type<scalar_t>, float>::value) {
       if (M != PoolIndices::kFull || s.in_h * s.in_w <= std::numeric_limits<int32_t>::max()) {
         return simd::max_pool2d_channels_last<scalar_t, M>(xp, yp, ip, s);
       }
