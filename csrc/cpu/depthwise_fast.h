@@ -10,8 +10,6 @@
 
 namespace fastconv {
 
-bool depthwise_nhwc_fast_applies(const at::Tensor& t, const Conv2dShape& s);
-
 bool depthwise_nhwc_fast_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, at::Tensor& out,
                                  const Conv2dShape& s);

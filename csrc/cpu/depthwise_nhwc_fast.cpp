@@ -137,85 +137,74 @@ void correlate(const float* x, const float* wk, const float* bias, float* out, i
     correlate_impl<K, false>(x, wk, bias, out, N, g);
 }
 
-// One block of P pixels from ow of one grad_output row against NR (1 or 2) kernel rows:
-// acc[j][kw] += go[ow + p] * x_j[ow + p - pw + kw]. The P grad_output vectors are loaded once
-// for all NR rows and the P + K - 1 input vectors of each row once for all K taps. INTERIOR:
-// every column read is inside the image; otherwise columns outside read as zero.
-template <int K, int NR, int P, bool INTERIOR>
-__attribute__((always_inline)) inline void gw_block(const float* const* xr, const float* gr,
-                                                    int64_t W, int64_t C, int64_t pw,
-                                                    int64_t ow, __m512 (*acc)[K]) {
-  __m512 gv[P];
+// grad_weight, one grad_output row `gr` against one kernel row (input row xr) of one channel
+// block: acc[kw] += go[ow] * x[ow - pw + kw]. Blocks of P = 8 pixels: the 8 grad_output vectors
+// and the P + K - 1 input vectors are loaded once for all K taps (measured faster than two
+// kernel rows per pass with blocks of 4: 1.23 vs 1.37 ms for 7x7). INTERIOR: every column read
+// is inside the image; otherwise columns outside read as zero.
+constexpr int kGwBlock = 8;
+
+template <int K, bool INTERIOR>
+__attribute__((always_inline)) inline void gw_block(const float* xr, const float* gr, int64_t W,
+                                                    int64_t C, int64_t pw, int64_t ow,
+                                                    __m512* acc) {
+  constexpr int P = kGwBlock;
+  __m512 gv[P], xv[P + K - 1];
   for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + (ow + p) * C);
-  for (int j = 0; j < NR; ++j) {
-    __m512 xv[P + K - 1];
-    for (int q = 0; q < P + K - 1; ++q) {
-      const int64_t iw = ow - pw + q;
-      xv[q] = INTERIOR || (iw >= 0 && iw < W) ? _mm512_loadu_ps(xr[j] + iw * C)
-                                               : _mm512_setzero_ps();
-      // opaque to the optimiser: GCC would otherwise re-read each vector from memory for
-      // every FMA that uses it (K times), which made this loop load-bound
-      asm("" : "+v"(xv[q]));
-    }
-    for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
-      for (int kw = 0; kw < K; ++kw)
-        acc[j][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[j][kw]);
+  for (int q = 0; q < P + K - 1; ++q) {
+    const int64_t iw = ow - pw + q;
+    xv[q] = INTERIOR || (iw >= 0 && iw < W) ? _mm512_loadu_ps(xr + iw * C) : _mm512_setzero_ps();
+    // opaque to the optimiser: GCC would otherwise re-read each vector from memory for every
+    // FMA that uses it (K times), which made this loop load-bound
+    asm("" : "+v"(xv[q]));
   }
+  for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
+    for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[kw]);
 }
 
-// Full blocks of P pixels over [0, nblk * P) of one row; the NR * K tap sums (16 lanes each, in
-// part[j]) stay in registers for the whole row.
-template <int K, int NR>
-__attribute__((noinline)) void gw_blocks(const float* const* xr, const float* gr, int64_t W,
-                                         int64_t C, int64_t pw, int64_t nblk,
-                                         float* const* part) {
-  constexpr int P = NR == 1 ? 8 : 4;
-  __m512 acc[NR][K];
-  for (int j = 0; j < NR; ++j)
-    for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
+// Full blocks over [0, nblk * P) of one row; the K tap sums (16 lanes each, in part) stay in
+// registers for the whole row.
+template <int K>
+__attribute__((noinline)) void gw_blocks(const float* xr, const float* gr, int64_t W, int64_t C,
+                                         int64_t pw, int64_t nblk, float* part) {
+  constexpr int P = kGwBlock;
+  __m512 acc[K];
+  for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_loadu_ps(part + kw * 16);
   for (int64_t b = 0; b < nblk; ++b) {
     const int64_t ow = b * P;
     if (ow - pw >= 0 && ow - pw + P + K - 1 <= W)
-      gw_block<K, NR, P, true>(xr, gr, W, C, pw, ow, acc);
+      gw_block<K, true>(xr, gr, W, C, pw, ow, acc);
     else
-      gw_block<K, NR, P, false>(xr, gr, W, C, pw, ow, acc);
+      gw_block<K, false>(xr, gr, W, C, pw, ow, acc);
   }
-  for (int j = 0; j < NR; ++j)
-    for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
+  for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part + kw * 16, acc[kw]);
 }
 
-// The same sums for single pixels with bounds checks (the border columns).
-template <int K, int NR>
-__attribute__((noinline)) void gw_pixels(const float* const* xr, const float* gr, int64_t W,
-                                         int64_t C, int64_t pw, int64_t ow0, int64_t ow1,
-                                         float* const* part) {
+// The same sums for single pixels [ow0, ow1) with bounds checks.
+template <int K>
+__attribute__((noinline)) void gw_pixels(const float* xr, const float* gr, int64_t W, int64_t C,
+                                         int64_t pw, int64_t ow0, int64_t ow1, float* part) {
   if (ow1 <= ow0) return;
-  __m512 acc[NR][K];
-  for (int j = 0; j < NR; ++j)
-    for (int kw = 0; kw < K; ++kw) acc[j][kw] = _mm512_loadu_ps(part[j] + kw * 16);
+  __m512 acc[K];
+  for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_loadu_ps(part + kw * 16);
   for (int64_t ow = ow0; ow < ow1; ++ow) {
     const __m512 gv = _mm512_loadu_ps(gr + ow * C);
-    for (int j = 0; j < NR; ++j) {
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t iw = ow - pw + kw;
-        const __m512 xv =
-            iw >= 0 && iw < W ? _mm512_loadu_ps(xr[j] + iw * C) : _mm512_setzero_ps();
-        acc[j][kw] = _mm512_fmadd_ps(gv, xv, acc[j][kw]);
-      }
+    for (int kw = 0; kw < K; ++kw) {
+      const int64_t iw = ow - pw + kw;
+      const __m512 xv = iw >= 0 && iw < W ? _mm512_loadu_ps(xr + iw * C) : _mm512_setzero_ps();
+      acc[kw] = _mm512_fmadd_ps(gv, xv, acc[kw]);
     }
   }
-  for (int j = 0; j < NR; ++j)
-    for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part[j] + kw * 16, acc[j][kw]);
+  for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part + kw * 16, acc[kw]);
 }
 
-// One grad_output row against NR kernel rows: full blocks, then the last OW % P pixels one by
+// One grad_output row against one kernel row: full blocks, then the last OW % P pixels one by
 // one (in column order, so the sums are the same for any split of the work).
-template <int K, int NR>
-void gw_row(const float* const* xr, const float* gr, const Geometry& g, float* const* part) {
-  constexpr int P = NR == 1 ? 8 : 4;
-  const int64_t nblk = g.OW / P;
-  if (nblk > 0) gw_blocks<K, NR>(xr, gr, g.W, g.C, g.pw, nblk, part);
-  gw_pixels<K, NR>(xr, gr, g.W, g.C, g.pw, nblk * P, g.OW, part);
+template <int K>
+void gw_row(const float* xr, const float* gr, const Geometry& g, float* part) {
+  const int64_t nblk = g.OW / kGwBlock;
+  if (nblk > 0) gw_blocks<K>(xr, gr, g.W, g.C, g.pw, nblk, part);
+  gw_pixels<K>(xr, gr, g.W, g.C, g.pw, nblk * kGwBlock, g.OW, part);
 }
 
 // Fixed number of row chunks for the deterministic grad_weight reduction.
@@ -242,14 +231,10 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
           prefetch_slice(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           float* pc = part + c0 * K * K;
           const float* gr = go + t * g.OW * C + c0;
-          // one kernel row per pass, blocks of 8 pixels (measured faster than two rows with
-          // blocks of 4: 1.23 vs 1.37 ms for 7x7), the rows inside the image only
-          for (int kh = 0; kh < K; ++kh) {
+          for (int kh = 0; kh < K; ++kh) {  // the kernel rows inside the image
             const int64_t ih = oh - g.ph + kh;
             if (ih < 0 || ih >= g.H) continue;
-            const float* xr[1] = {x + ((n * g.H + ih) * g.W) * C + c0};
-            float* pr[1] = {pc + kh * K * 16};
-            gw_row<K, 1>(xr, gr, g, pr);
+            gw_row<K>(x + ((n * g.H + ih) * g.W) * C + c0, gr, g, pc + kh * K * 16);
           }
         }
       }
@@ -280,13 +265,13 @@ std::vector<float> taps_by_channel(const at::Tensor& weight, int64_t C, int64_t 
   return wk;
 }
 
-}  // namespace
-
 bool depthwise_nhwc_fast_applies(const at::Tensor& t, const Conv2dShape& s) {
   return t.scalar_type() == at::kFloat && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 &&
          s.dil_w == 1 && s.out_channels == s.in_channels && s.in_channels % 16 == 0 &&
          s.kernel_h == s.kernel_w && (s.kernel_h == 3 || s.kernel_h == 5 || s.kernel_h == 7);
 }
+
+}  // namespace
 
 bool depthwise_nhwc_fast_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, at::Tensor& out,
@@ -327,7 +312,6 @@ bool depthwise_nhwc_fast_grad_weight(const at::Tensor& grad_output, const at::Te
 
 #else  // no AVX-512: the general kernels handle everything
 
-bool depthwise_nhwc_fast_applies(const at::Tensor&, const Conv2dShape&) { return false; }
 bool depthwise_nhwc_fast_forward(const at::Tensor&, const at::Tensor&,
                                  const c10::optional<at::Tensor>&, at::Tensor&,
                                  const Conv2dShape&) {
