@@ -26,6 +26,12 @@ TORCH_LIBRARY(fastconv, m) {
       "_depthwise_conv2d_grad_weight(Tensor grad_output, Tensor input, SymInt[] weight_size, "
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
 
+  // grad_input, grad_weight and, when bias_grad, grad_bias of depthwise_conv2d in one call
+  // (the CPU kernels read grad_output once for both).
+  m.def(
+      "_depthwise_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool bias_grad=False) -> Tensor[]");
+
   // indices: "none" (an empty int64 tensor is returned), "full" (torch's int64 flat index
   // h * W + w per plane) or "compact" (window-local tap index kh_i * kW + kw_i as uint8 when
   // the window has at most 256 taps, else the "full" format). _max_pool2d_backward accepts

@@ -83,6 +83,20 @@ def _depthwise_grad_weight_fake(grad_output, input, weight_size, stride, padding
     return _empty(list(weight_size), grad_output, torch.contiguous_format)
 
 
+@lib.register_fake("fastconv::_depthwise_conv2d_backward")
+def _depthwise_backward_fake(grad_output, input, weight, stride, padding, dilation,
+                             bias_grad=False):
+    op = "_depthwise_conv2d_backward"
+    out_shape = C.depthwise_shapes(op, input.shape, weight.shape, stride, padding, dilation)
+    C.check_grad_output(op, grad_output, input, "input", out_shape)
+    C.check_same(op, "weight", weight, "grad_output", grad_output)
+    grads = [_empty(list(input.shape), grad_output, C.conv_memory_format(grad_output, weight)),
+             _empty(list(weight.shape), grad_output, torch.contiguous_format)]
+    if bias_grad:
+        grads.append(_empty([out_shape[1]], grad_output, torch.contiguous_format))
+    return grads
+
+
 def _index_dtype(mode, kernel_size):
     if mode == "compact" and kernel_size[0] * kernel_size[1] <= 256:
         return torch.uint8
@@ -180,13 +194,19 @@ def _depthwise_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv_args
     grad_input = grad_weight = grad_bias = None
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        # one op for all three: the CPU kernels read grad_output once
+        grads = torch.ops.fastconv._depthwise_conv2d_backward(
+            grad, input, weight, stride, padding, dilation, bias_grad)
+        return (grads[0], grads[1], grads[2] if bias_grad else None, None, None, None)
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.fastconv._depthwise_conv2d_grad_input(
             grad, weight, list(input.shape), stride, padding, dilation)
     if ctx.needs_input_grad[1]:
         grad_weight = torch.ops.fastconv._depthwise_conv2d_grad_weight(
             grad, input, list(weight.shape), stride, padding, dilation)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    if bias_grad:
         grad_bias = grad.sum((0, 2, 3))
     return grad_input, grad_weight, grad_bias, None, None, None
 
@@ -236,5 +256,6 @@ def _no_double_backward(name):
 
 
 for _name in ("_conv2d_grad_input", "_conv2d_grad_weight", "_depthwise_conv2d_grad_input",
-              "_depthwise_conv2d_grad_weight", "_max_pool2d_backward"):
+              "_depthwise_conv2d_grad_weight", "_depthwise_conv2d_backward",
+              "_max_pool2d_backward"):
     _no_double_backward(_name)

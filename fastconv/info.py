@@ -16,7 +16,7 @@ import torch.nn.functional as F
 OPS = [
     "conv2d", "_conv2d_grad_input", "_conv2d_grad_weight",
     "depthwise_conv2d", "_depthwise_conv2d_grad_input", "_depthwise_conv2d_grad_weight",
-    "max_pool2d", "_max_pool2d_backward",
+    "_depthwise_conv2d_backward", "max_pool2d", "_max_pool2d_backward",
 ]
 
 

@@ -29,6 +29,7 @@ WITH_CUDA = bool(getattr(fastconv._C, "with_cuda", 0))
 OPS = [
     "conv2d", "_conv2d_grad_input", "_conv2d_grad_weight",
     "depthwise_conv2d", "_depthwise_conv2d_grad_input", "_depthwise_conv2d_grad_weight",
+    "_depthwise_conv2d_backward",
     "max_pool2d", "_max_pool2d_backward",
 ]
 CL = torch.channels_last

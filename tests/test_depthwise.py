@@ -140,6 +140,78 @@ def test_backward_ops_direct(case, dtype, layout, device):
     assert_close(gi, gi_r, dtype, reduction=kh * kw * m)
 
 
+# _depthwise_conv2d_backward: all gradients in one call. Its fused CPU kernels (float32, stride 1,
+# dilation 1, multiplier 1, square 3/5/7; channels_last also C % 16 == 0 and 'same' padding)
+# produce the same bits as the two separate ops; everything else runs those ops.
+FUSED_CASES = CASES[::3] + [
+    (2, 16, 1, 9, 13, 3, 1, 1, 1, True),    # channels_last fused: 8-, 4- and 1-pixel blocks
+    (3, 32, 1, 6, 5, 5, 1, 2, 1, False),    # rows narrower than a block
+    (2, 16, 1, 11, 10, 7, 1, 3, 1, True),
+    (2, 16, 1, 9, 13, 3, 1, 0, 1, True),    # 'valid': NCHW fused, channels_last separate ops
+    (2, 3, 1, 9, 61, 3, 1, 1, 1, True),     # NCHW fused up to 64 - K + 1 columns ...
+    (2, 3, 1, 5, 63, 3, 1, 1, 1, True),     # ... and the separate ops past it
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("channels_last", "channels_last"),
+                                     ("channels_last", "nchw"), ("nchw", "channels_last")],
+                         ids=lambda v: "x_{}-g_{}".format(*v))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "n{}c{}m{}_{}x{}_k{}_s{}_p{}_d{}_b{}".format(*c))
+def test_fused_backward_op_matches_the_separate_ops(case, dtype, layouts, device):
+    n, c, m, h, w, k, stride, padding, dilation, bias = case
+    x, wt, _ = _make(n, c, m, h, w, k, dtype, device, False, layouts[0])
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    out = OPS.depthwise_conv2d(x, wt, None, stride, padding, dilation)
+    g = _layout(torch.randn(out.shape, dtype=torch.float64, device=device).to(dtype), layouts[1])
+    snap = Snapshot(x, wt, g)
+    grads = OPS._depthwise_conv2d_backward(g, x, wt, stride, padding, dilation, bias)
+    snap.check()
+    gi = OPS._depthwise_conv2d_grad_input(g, wt, list(x.shape), stride, padding, dilation)
+    gw = OPS._depthwise_conv2d_grad_weight(g, x, list(wt.shape), stride, padding, dilation)
+    assert len(grads) == (3 if bias else 2)
+    assert torch.equal(grads[0], gi) and grads[0].stride() == gi.stride()
+    assert torch.equal(grads[1], gw) and grads[1].is_contiguous()
+    _, t_gx, t_gw, _ = _truth(_torch_dw, x, wt, None, g, stride=stride, padding=padding,
+                              dilation=dilation)
+    kh, kw = wt.shape[-2:]
+    assert_close(grads[0], t_gx, dtype, reduction=kh * kw * m)
+    assert_close(grads[1], t_gw, dtype, reduction=out[:, 0].numel())
+    if bias:
+        assert grads[2].shape == (c * m,) and grads[2].dtype == dtype
+        assert_close(grads[2], g.double().sum((0, 2, 3)), dtype, reduction=out[:, 0].numel())
+
+
+def _ops_called(fn):
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("needs", [(True, True, True), (True, True, False), (True, False, False),
+                                   (False, True, True), (False, False, True)], ids=str)
+def test_autograd_uses_the_fused_op_when_input_and_weight_grads_are_needed(needs, layout):
+    x, wt, b = _make(2, 16, 1, 9, 9, 3, torch.float32, "cpu", True, layout)
+    xa, wa, ba = (t.clone().requires_grad_(r) for t, r in zip((x, wt, b), needs))
+    out = fastconv.depthwise_conv2d(xa, wa, ba, padding=1)
+    g = torch.randn_like(out)
+    called = _ops_called(lambda: out.backward(g))
+    fused = needs[0] and needs[1]
+    assert ("fastconv::_depthwise_conv2d_backward" in called) == fused
+    assert ("fastconv::_depthwise_conv2d_grad_input" in called) == (needs[0] and not fused)
+    assert ("fastconv::_depthwise_conv2d_grad_weight" in called) == (needs[1] and not fused)
+    t_out, t_gx, t_gw, t_gb = _truth(_torch_dw, x, wt, b, g, stride=1, padding=1, dilation=1)
+    for t, ref, red in ((xa, t_gx, 9), (wa, t_gw, 2 * 81), (ba, t_gb, 2 * 81)):
+        if t.requires_grad:
+            assert_close(t.grad, ref, torch.float32, reduction=red)
+        else:
+            assert t.grad is None
+
+
 # The register-blocked float kernel (stride 1, dilation 1, square 3/5/7; forward and grad_input
 # of NCHW): 4-row blocks with 2- and 1-row tails, chunks of 4 column vectors with 1-4 vector
 # tails, partial last vectors, paddings that make grad_input's buffer offsets differ.
@@ -332,6 +404,14 @@ def test_opcheck(requires_grad, layout, device):
                           (g, wt, list(x.shape), *args))
     torch.library.opcheck(OPS._depthwise_conv2d_grad_weight.default,
                           (g, x, list(wt.shape), *args))
+    for bias_grad in (False, True):
+        torch.library.opcheck(OPS._depthwise_conv2d_backward.default,
+                              (g, x, wt, *args, bias_grad))
+    # the fused CPU kernels' shapes (float32, stride 1, C % 16 == 0, 'same' padding)
+    x, wt, _ = _make(2, 16, 1, 7, 9, 3, torch.float32, device, False, layout)
+    g = _layout(torch.randn(2, 16, 7, 9, device=device), layout)
+    torch.library.opcheck(OPS._depthwise_conv2d_backward.default,
+                          (g, x, wt, [1, 1], [1, 1], [1, 1], True))
 
 
 def test_double_backward_is_an_error():
@@ -422,6 +502,33 @@ def test_backward_op_errors():
         OPS._depthwise_conv2d_grad_input(g.half(), W.half(), [2, 3, 8, 8], [1, 1], [1, 1], [1, 1])
 
 
+@pytest.mark.parametrize("call", ["op", "fake"])
+def test_fused_backward_op_errors(call):
+    g = torch.randn(2, 6, 8, 8)
+    args = ([1, 1], [1, 1], [1, 1], False)
+
+    def run(*a):
+        if call == "fake":
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode() as mode:
+                a = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in a]
+                return OPS._depthwise_conv2d_backward(*a)
+        return OPS._depthwise_conv2d_backward(*a)
+
+    name = r"_depthwise_conv2d_backward: "
+    with pytest.raises(ValueError, match=name + r"expected grad_output of shape \[2, 6, 8, 8\]"):
+        run(g[:, :5], X, W, *args)
+    with pytest.raises(RuntimeError, match=name + r"expected input to have the same dtype as"):
+        run(g, X.double(), W, *args)
+    with pytest.raises(RuntimeError, match=name + r"expected weight to have the same dtype as"):
+        run(g, X, W.double(), *args)
+    with pytest.raises(ValueError, match=name + r"expected weight.size\(0\) to be a positive"):
+        run(g, X, W[:5], *args)
+    with pytest.raises(TypeError, match=name + r"expected grad_output to have dtype"):
+        run(g.half(), X.half(), W.half(), *args)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", [3, 7])
 def test_large_outputs_use_streaming_stores_correctly(k, layout):
@@ -430,13 +537,19 @@ def test_large_outputs_use_streaming_stores_correctly(k, layout):
     assert x.numel() * 4 > 8 << 20
     xa = x.clone().requires_grad_()
     wa = wt.clone().requires_grad_()
-    out = fastconv.depthwise_conv2d(xa, wa, b, padding=k // 2)
+    ba = b.clone().requires_grad_()
+    out = fastconv.depthwise_conv2d(xa, wa, ba, padding=k // 2)
     g = torch.randn_like(out)
-    out.backward(g)
+    out.backward(g)  # the fused backward op, streaming grad_input out
     x64 = x.double().requires_grad_()
     w64 = wt.double().requires_grad_()
-    ref = _torch_dw(x64, w64, b.double(), 1, k // 2, 1)
+    b64 = b.double().requires_grad_()
+    ref = _torch_dw(x64, w64, b64, 1, k // 2, 1)
     ref.backward(g.double())
     assert_close(out, ref, torch.float32, reduction=k * k)
     assert_close(xa.grad, x64.grad, torch.float32, reduction=k * k)
     assert_close(wa.grad, w64.grad, torch.float32, reduction=out.numel() // out.shape[1])
+    assert_close(ba.grad, b64.grad, torch.float32, reduction=out.numel() // out.shape[1])
+    # the separate grad_input op streams too
+    gi = OPS._depthwise_conv2d_grad_input(g, wt, list(x.shape), [1, 1], [k // 2] * 2, [1, 1])
+    assert torch.equal(gi, xa.grad)

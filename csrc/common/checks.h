@@ -190,6 +190,19 @@ inline void check_grad_output(const char* op, const at::Tensor& grad_output,
       s.out_w, "], but got ", grad_output.sizes());
 }
 
+// The fused depthwise backward: input and weight give the shapes, grad_output must match them,
+// all three share a dtype and device.
+inline Conv2dShape check_depthwise_backward(const char* op, const at::Tensor& grad_output,
+                                            const at::Tensor& input, const at::Tensor& weight,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef dilation) {
+  const Conv2dShape s =
+      check_depthwise_shapes(op, input.sizes(), weight.sizes(), stride, padding, dilation);
+  check_grad_output(op, grad_output, input, "input", s);
+  check_same(op, "weight", weight, "grad_output", grad_output);
+  return s;
+}
+
 inline Pool2dShape check_max_pool2d_shapes(
     const char* op, at::IntArrayRef input_sizes, at::IntArrayRef kernel_size,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {

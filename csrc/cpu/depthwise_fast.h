@@ -20,4 +20,11 @@ bool depthwise_nhwc_fast_grad_input(const at::Tensor& grad_output, const at::Ten
 bool depthwise_nhwc_fast_grad_weight(const at::Tensor& grad_output, const at::Tensor& x,
                                      at::Tensor& grad_weight, const Conv2dShape& s);
 
+// grad_input, grad_weight and (when grad_bias is defined, a float (C,) tensor) grad_bias in one
+// pass, for 'same' padding; bit-identical to the grad_input and grad_weight kernels above.
+bool depthwise_nhwc_fast_backward(const at::Tensor& grad_output, const at::Tensor& x,
+                                  const at::Tensor& weight, at::Tensor& grad_input,
+                                  at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                  const Conv2dShape& s);
+
 }  // namespace fastconv

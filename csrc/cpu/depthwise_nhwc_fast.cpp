@@ -81,10 +81,15 @@ __attribute__((noinline)) void corr_block(const float* const* rows, int64_t W, i
   }
 }
 
+// All blocks of P pixels that fit in [ow, OW), one channel block. Each block also prefetches
+// slice (slice0 + block) of `pf` (the rows the next task needs), so the prefetches trickle out
+// between the FMAs.
 template <int K, int P, bool NT>
 inline void corr_blocks(const float* const* rows, const Geometry& g, const float* w, __m512 init,
-                        float* orow, int64_t& ow) {
+                        float* orow, int64_t& ow, const Trickle& pf, int64_t slice0,
+                        int64_t slices) {
   for (; ow + P <= g.OW; ow += P) {
+    pf.part(slice0 + ow / P, slices);
     const int64_t iw0 = ow - g.pw;
     if (iw0 >= 0 && iw0 + P + K - 1 <= g.W)
       corr_block<K, P, true, NT>(rows, g.W, g.C, iw0, w, init, orow + ow * g.C);
@@ -93,45 +98,58 @@ inline void corr_blocks(const float* const* rows, const Geometry& g, const float
   }
 }
 
+// Channel block c0 of one output row of the correlation: rows[kh] = input row oh - ph + kh at
+// channel 0 (nullptr outside the image); pf: what the next row will need, spread over the row's
+// blocks.
+template <int K, bool NT>
+inline void corr_row_block(const float* const* rows, const Geometry& g, const float* wk,
+                           const float* bias, float* orow, const Trickle& pf, int64_t c0) {
+  const int64_t nb = std::max<int64_t>(g.OW / 8, 1);
+  const float* r[K];
+  for (int kh = 0; kh < K; ++kh) r[kh] = rows[kh] ? rows[kh] + c0 : nullptr;
+  const __m512 init = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+  const int64_t slice0 = c0 / 16 * nb, slices = g.C / 16 * nb;
+  int64_t ow = 0;
+  corr_blocks<K, 8, NT>(r, g, wk + c0, init, orow + c0, ow, pf, slice0, slices);
+  corr_blocks<K, 4, NT>(r, g, wk + c0, init, orow + c0, ow, Trickle(), 0, 0);
+  corr_blocks<K, 1, NT>(r, g, wk + c0, init, orow + c0, ow, Trickle(), 0, 0);
+}
+
+// Row ih of image n of an (N, H, W, C) tensor, or nullptr outside the image.
+inline const float* image_row(const float* base, const Geometry& g, int64_t n, int64_t ih) {
+  return ih < 0 || ih >= g.H ? nullptr : base + (n * g.H + ih) * g.W * g.C;
+}
+
 // wk[(kh * K + kw) * C + c]: the tap weights, channel-contiguous; bias[c] or nullptr.
 template <int K, bool NT>
 void correlate_impl(const float* x, const float* wk, const float* bias, float* out, int64_t N,
-               const Geometry& g) {
-  const int64_t C = g.C;
+                    const Geometry& g) {
   at::parallel_for(0, N * g.OH, 1, [&](int64_t begin, int64_t end) {
     const float* rows[K];
-    const int64_t row_bytes = g.W * C * int64_t(sizeof(float));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / g.OH, oh = t % g.OH;
-      float* orow = out + t * g.OW * C;
+      for (int kh = 0; kh < K; ++kh) rows[kh] = image_row(x, g, n, oh - g.ph + kh);
       // the next task's last kernel row (its only row this task has not read)
-      const int64_t ih_next = oh + 1 - g.ph + K - 1;
-      const float* next = t + 1 < end && oh + 1 < g.OH && ih_next >= 0 && ih_next < g.H
-                              ? x + (n * g.H + ih_next) * g.W * C
-                              : nullptr;
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        prefetch_slice(next, row_bytes, c0 / 16, C / 16);
-        for (int kh = 0; kh < K; ++kh) {
-          const int64_t ih = oh - g.ph + kh;
-          rows[kh] = ih < 0 || ih >= g.H ? nullptr : x + ((n * g.H + ih) * g.W) * C + c0;
-        }
-        const __m512 init = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
-        int64_t ow = 0;
-        corr_blocks<K, 8, NT>(rows, g, wk + c0, init, orow + c0, ow);
-        corr_blocks<K, 4, NT>(rows, g, wk + c0, init, orow + c0, ow);
-        corr_blocks<K, 1, NT>(rows, g, wk + c0, init, orow + c0, ow);
-      }
+      Trickle next;
+      if (t + 1 < end && oh + 1 < g.OH)
+        next.add(image_row(x, g, n, oh + 1 - g.ph + K - 1), g.W * g.C);
+      for (int64_t c0 = 0; c0 < g.C; c0 += 16)
+        corr_row_block<K, NT>(rows, g, wk, bias, out + t * g.OW * g.C, next, c0);
     }
     if (NT) nt_fence();
   });
 }
 
+// Streaming stores for outputs that will not stay in cache (and are 64-byte aligned).
+inline bool stream_output(const float* out, int64_t elems) {
+  return elems * int64_t(sizeof(float)) >= kStreamingStoreBytes &&
+         reinterpret_cast<uintptr_t>(out) % 64 == 0;
+}
+
 template <int K>
 void correlate(const float* x, const float* wk, const float* bias, float* out, int64_t N,
                const Geometry& g) {
-  const bool nt = N * g.OH * g.OW * g.C * int64_t(sizeof(float)) >= kStreamingStoreBytes &&
-                  reinterpret_cast<uintptr_t>(out) % 64 == 0;
-  if (nt)
+  if (stream_output(out, N * g.OH * g.OW * g.C))
     correlate_impl<K, true>(x, wk, bias, out, N, g);
   else
     correlate_impl<K, false>(x, wk, bias, out, N, g);
@@ -207,6 +225,33 @@ void gw_row(const float* xr, const float* gr, const Geometry& g, float* part) {
   gw_pixels<K>(xr, gr, g.W, g.C, g.pw, nblk * kGwBlock, g.OW, part);
 }
 
+// gw[c][kh][kw] = the sum over chunks, in chunk order, of partial[chunk][c / 16][kh][kw][c % 16]
+// (chunk by chunk over contiguous memory: an element-by-element walk across the chunks' partials
+// was a serial tail of ~0.1 ms).
+template <int K>
+void reduce_chunks(std::vector<float>& partial, int64_t T, int64_t C, float* gw) {
+  const int64_t per = C * K * K;
+  float* sum = partial.data();  // chunk 0 accumulates the others
+  for (int64_t chunk = 1; chunk < T; ++chunk) {
+    const float* src = partial.data() + chunk * per;
+    for (int64_t i = 0; i < per; i += 16)
+      _mm512_storeu_ps(sum + i, _mm512_add_ps(_mm512_loadu_ps(sum + i), _mm512_loadu_ps(src + i)));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t cb = c / 16, lane = c % 16;
+    for (int64_t tap = 0; tap < K * K; ++tap)
+      gw[c * K * K + tap] = sum[(cb * 16) * K * K + tap * 16 + lane];
+  }
+}
+
+// grad_output row `gr` against the K input rows oh - ph + kh (xr[kh], nullptr outside the
+// image), one channel block; part: its [kh][kw][16] tap sums.
+template <int K>
+void gw_rows(const float* const* xr, const float* gr, const Geometry& g, float* part) {
+  for (int kh = 0; kh < K; ++kh)
+    if (xr[kh] != nullptr) gw_row<K>(xr[kh], gr, g, part + kh * K * 16);
+}
+
 // Fixed number of row chunks for the deterministic grad_weight reduction.
 constexpr int64_t kChunks = 32;
 
@@ -229,30 +274,77 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
           prefetch_slice(next_x, g.W * C * int64_t(sizeof(float)), c0 / 16, C / 16);
           prefetch_slice(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
-          float* pc = part + c0 * K * K;
-          const float* gr = go + t * g.OW * C + c0;
-          for (int kh = 0; kh < K; ++kh) {  // the kernel rows inside the image
-            const int64_t ih = oh - g.ph + kh;
-            if (ih < 0 || ih >= g.H) continue;
-            gw_row<K>(x + ((n * g.H + ih) * g.W) * C + c0, gr, g, pc + kh * K * 16);
+          const float* xr[K];  // the kernel rows inside the image
+          for (int kh = 0; kh < K; ++kh) {
+            const float* r = image_row(x, g, n, oh - g.ph + kh);
+            xr[kh] = r ? r + c0 : nullptr;
           }
+          gw_rows<K>(xr, go + t * g.OW * C + c0, g, part + c0 * K * K);
         }
       }
     }
   });
-  // chunk sums in chunk order (as before), but chunk by chunk over contiguous memory: the
-  // element-by-element walk across the chunks' partials was a serial tail of ~0.1 ms
-  const int64_t per = C * K * K;
-  float* sum = partial.data();  // chunk 0 accumulates the others
-  for (int64_t chunk = 1; chunk < T; ++chunk) {
-    const float* src = partial.data() + chunk * per;
-    for (int64_t i = 0; i < per; i += 16)
-      _mm512_storeu_ps(sum + i, _mm512_add_ps(_mm512_loadu_ps(sum + i), _mm512_loadu_ps(src + i)));
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t cb = c / 16, lane = c % 16;
-    for (int64_t tap = 0; tap < K * K; ++tap)
-      gw[c * K * K + tap] = sum[(cb * 16) * K * K + tap * 16 + lane];
+  reduce_chunks<K>(partial, T, C, gw);
+}
+
+// Fused backward for 'same' padding (OH == H, OW == W, so grad_input row t and grad_output row t
+// are the same (n, row)): one pass over the rows computes, per row t and channel block, the
+// grad_weight tap sums of grad_output row t against input rows r - p .. r + p, the bias sum of
+// grad_output row t, and grad_input row t (grad_output rows r - p .. r + p correlated with the
+// flipped kernel). The rows both need stay in L1/L2 between the two, so DRAM sees x and
+// grad_output once each instead of grad_output twice. Chunks and summation order are those of
+// grad_weight_rows, and grad_input rows are computed by the same corr_row as the correlation:
+// the results are bit-identical to the two separate kernels.
+template <int K, bool NT>
+void backward_rows(const float* x, const float* go, const float* wflip, float* gi, float* gw,
+                   float* gb, int64_t N, const Geometry& g) {
+  const int64_t C = g.C, R = N * g.OH, T = std::min<int64_t>(kChunks, R);
+  const Geometry gg{g.OH, g.OW, C, g.H, g.W, K - 1 - g.ph, K - 1 - g.pw};  // grad_input's
+  std::vector<float> partial(static_cast<size_t>(T * C * K * K));
+  std::vector<float> bias_part(gb ? static_cast<size_t>(T * C) : 0);
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    const float* grows[K];
+    const int64_t last = end * R / T;  // this thread's rows end here
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* part = partial.data() + chunk * C * K * K;
+      std::fill(part, part + C * K * K, 0.f);
+      float* bp = gb ? bias_part.data() + chunk * C : nullptr;
+      if (bp) std::fill(bp, bp + C, 0.f);
+      for (int64_t t = chunk * R / T; t < (chunk + 1) * R / T; ++t) {
+        const int64_t n = t / g.OH, oh = t % g.OH;
+        for (int kh = 0; kh < K; ++kh) grows[kh] = image_row(go, gg, n, oh - gg.ph + kh);
+        // the next row reads one new input row and one new grad_output row
+        Trickle next;
+        if (t + 1 < last && oh + 1 < g.OH) {
+          next.add(image_row(x, g, n, oh + 1 - g.ph + K - 1), g.W * C);
+          next.add(image_row(go, gg, n, oh + 1 - gg.ph + K - 1), g.OW * C);
+        }
+        const float* grow = go + t * g.OW * C;
+        const float* xrows[K];
+        for (int kh = 0; kh < K; ++kh) xrows[kh] = image_row(x, g, n, oh - g.ph + kh);
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          const float* xr[K];
+          for (int kh = 0; kh < K; ++kh) xr[kh] = xrows[kh] ? xrows[kh] + c0 : nullptr;
+          gw_rows<K>(xr, grow + c0, g, part + c0 * K * K);
+          if (bp) {
+            __m512 acc = _mm512_loadu_ps(bp + c0);
+            for (int64_t ow = 0; ow < g.OW; ++ow)
+              acc = _mm512_add_ps(acc, _mm512_loadu_ps(grow + ow * C + c0));
+            _mm512_storeu_ps(bp + c0, acc);
+          }
+          corr_row_block<K, NT>(grows, gg, wflip, nullptr, gi + t * g.W * C, next, c0);
+        }
+      }
+    }
+    if (NT) nt_fence();
+  });
+  reduce_chunks<K>(partial, T, C, gw);
+  if (gb) {
+    for (int64_t c = 0; c < C; ++c) {
+      float sum = 0.f;
+      for (int64_t chunk = 0; chunk < T; ++chunk) sum += bias_part[chunk * C + c];
+      gb[c] = sum;
+    }
   }
 }
 
@@ -310,6 +402,32 @@ bool depthwise_nhwc_fast_grad_weight(const at::Tensor& grad_output, const at::Te
   });
 }
 
+bool depthwise_nhwc_fast_backward(const at::Tensor& grad_output, const at::Tensor& x,
+                                  const at::Tensor& weight, at::Tensor& grad_input,
+                                  at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                  const Conv2dShape& s) {
+  // 'same' padding only: grad_input row t and grad_output row t are then the same image row
+  if (!depthwise_nhwc_fast_applies(x, s) || s.out_h != s.in_h || s.out_w != s.in_w ||
+      !grad_weight.is_contiguous())
+    return false;
+  const int64_t C = s.in_channels, K = s.kernel_h;
+  const Geometry g{s.in_h, s.in_w, C, s.out_h, s.out_w, s.pad_h, s.pad_w};
+  const std::vector<float> wflip = taps_by_channel(weight, C, K, true);
+  float* gb = grad_bias.defined() ? grad_bias.data_ptr<float>() : nullptr;
+  const bool nt = stream_output(grad_input.data_ptr<float>(), grad_input.numel());
+  return with_fixed_kernel(K, [&](auto kc) {
+    constexpr int KK = decltype(kc)::value;
+    const float* xp = x.data_ptr<float>();
+    const float* gp = grad_output.data_ptr<float>();
+    float* gip = grad_input.data_ptr<float>();
+    float* gwp = grad_weight.data_ptr<float>();
+    if (nt)
+      backward_rows<KK, true>(xp, gp, wflip.data(), gip, gwp, gb, s.batch, g);
+    else
+      backward_rows<KK, false>(xp, gp, wflip.data(), gip, gwp, gb, s.batch, g);
+  });
+}
+
 #else  // no AVX-512: the general kernels handle everything
 
 bool depthwise_nhwc_fast_forward(const at::Tensor&, const at::Tensor&,
@@ -323,6 +441,10 @@ bool depthwise_nhwc_fast_grad_input(const at::Tensor&, const at::Tensor&, at::Te
 }
 bool depthwise_nhwc_fast_grad_weight(const at::Tensor&, const at::Tensor&, at::Tensor&,
                                      const Conv2dShape&) {
+  return false;
+}
+bool depthwise_nhwc_fast_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  at::Tensor&, at::Tensor&, at::Tensor&, const Conv2dShape&) {
   return false;
 }
 

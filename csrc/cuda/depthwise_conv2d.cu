@@ -31,8 +31,10 @@
 #include <initializer_list>
 #include <limits>
 #include <numeric>
+#include <vector>
 
 #include "common/checks.h"
+#include "common/depthwise_backward.h"
 #include "common/shape.h"
 #include "cuda/kernels.cuh"
 
@@ -1546,7 +1548,20 @@ at::Tensor depthwise_conv2d_grad_weight_cuda(
   return grad_weight;
 }
 
+// No fused CUDA kernel: the two backward kernels (each already one pass over grad_output).
+std::vector<at::Tensor> depthwise_conv2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool bias_grad) {
+  check_depthwise_backward("_depthwise_conv2d_backward", grad_output, input, weight, stride,
+                           padding, dilation);
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  return depthwise_backward_unfused(grad_output, input, weight, stride, padding, dilation,
+                                    bias_grad, depthwise_conv2d_grad_input_cuda,
+                                    depthwise_conv2d_grad_weight_cuda);
+}
+
 TORCH_LIBRARY_IMPL(fastconv, CUDA, m) {
+  m.impl("_depthwise_conv2d_backward", &depthwise_conv2d_backward_cuda);
   m.impl("depthwise_conv2d", &depthwise_conv2d_forward_cuda);
   m.impl("_depthwise_conv2d_grad_input", &depthwise_conv2d_grad_input_cuda);
   m.impl("_depthwise_conv2d_grad_weight", &depthwise_conv2d_grad_weight_cuda);
