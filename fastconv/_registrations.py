@@ -169,13 +169,23 @@ def _conv2d_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     stride, padding, dilation, groups, algo = ctx.conv_args
     grad_input = grad_weight = grad_bias = None
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+    # algo="auto" runs depthwise shapes (groups == C_in > 1, weight.size(1) == 1) on the
+    # depthwise kernels: then one call gives all the gradients (see _depthwise_backward)
+    c_in = input.shape[1]
+    if (algo == "auto" and groups == c_in and groups > 1 and weight.shape[0] % c_in == 0
+            and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]):
+        grads = torch.ops.fastconv._depthwise_conv2d_backward(
+            grad, input, weight, stride, padding, dilation, bias_grad)
+        return (grads[0], grads[1], grads[2] if bias_grad else None, None, None, None, None,
+                None)
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.fastconv._conv2d_grad_input(
             grad, weight, list(input.shape), stride, padding, dilation, groups, algo)
     if ctx.needs_input_grad[1]:
         grad_weight = torch.ops.fastconv._conv2d_grad_weight(
             grad, input, list(weight.shape), stride, padding, dilation, groups, algo)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    if bias_grad:
         grad_bias = grad.sum((0, 2, 3))
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 

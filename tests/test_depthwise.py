@@ -212,6 +212,27 @@ def test_autograd_uses_the_fused_op_when_input_and_weight_grads_are_needed(needs
             assert t.grad is None
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("algo", ["auto", "im2col"])
+def test_conv2d_autograd_on_depthwise_shapes_uses_the_fused_op_for_auto(algo, layout):
+    x, wt, b = _make(2, 16, 2, 9, 9, 3, torch.float32, "cpu", True, layout)
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, wt, b))
+    out = fastconv.conv2d(xa, wa, ba, padding=1, groups=16, algo=algo)
+    g = torch.randn_like(out)
+    called = _ops_called(lambda: out.backward(g))
+    assert ("fastconv::_depthwise_conv2d_backward" in called) == (algo == "auto")
+    assert ("fastconv::_conv2d_grad_input" in called) == (algo != "auto")
+    if algo == "auto":  # the same bits as conv2d's own backward ops
+        args = ([1, 1], [1, 1], [1, 1], 16, algo)
+        gi = OPS._conv2d_grad_input(g, wt, list(x.shape), *args)
+        gw = OPS._conv2d_grad_weight(g, x, list(wt.shape), *args)
+        assert torch.equal(xa.grad, gi) and torch.equal(wa.grad, gw)
+    _, t_gx, t_gw, t_gb = _truth(_torch_dw, x, wt, b, g, stride=1, padding=1, dilation=1)
+    assert_close(xa.grad, t_gx, torch.float32, reduction=18)
+    assert_close(wa.grad, t_gw, torch.float32, reduction=2 * 81)
+    assert_close(ba.grad, t_gb, torch.float32, reduction=2 * 81)
+
+
 # The register-blocked float kernel (stride 1, dilation 1, square 3/5/7; forward and grad_input
 # of NCHW): 4-row blocks with 2- and 1-row tails, chunks of 4 column vectors with 1-4 vector
 # tails, partial last vectors, paddings that make grad_input's buffer offsets differ.
