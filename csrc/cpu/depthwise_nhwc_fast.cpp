@@ -205,6 +205,7 @@ __attribute__((noinline)) void gw_blocks_s(const float* xr, const float* gr, int
     _mm512_storeu_ps(part + kw * 16, sum);
   }
 }
+
 // Two accumulator sets (even and odd pixels) for 3x3 and 5x5: with one, the K FMA chains are
 // bound by the 4-cycle FMA latency (measured, warm: 3x3 0.59 -> 0.53 ms, 5x5 1.02 -> 0.95);
 // 7x7 has 7 chains already and no registers for a second set.
@@ -309,7 +310,7 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
 // grad_output row t, and grad_input row t (grad_output rows r - p .. r + p correlated with the
 // flipped kernel). The rows both need stay in L1/L2 between the two, so DRAM sees x and
 // grad_output once each instead of grad_output twice. Chunks and summation order are those of
-// grad_weight_rows, and grad_input rows are computed by the same corr_row as the correlation:
+// grad_weight_rows, and grad_input rows are computed by the same code as the correlation's rows:
 // the results are bit-identical to the two separate kernels.
 template <int K, bool NT>
 void backward_rows(const float* x, const float* go, const float* wflip, float* gi, float* gw,
