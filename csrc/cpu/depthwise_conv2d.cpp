@@ -396,8 +396,7 @@ inline __m512 fc_shift(__m512 lo, __m512 hi) {
 template <int KH, int KW, bool ACCUM, int R, int U>
 __attribute__((noinline)) void conv_block_avx512(const float* base, int64_t pitch,
                                                  const float* w, float init, float* o,
-                                                 int64_t out_pitch, int64_t valid,
-                                                 TrickleCursor& tc) {
+                                                 int64_t out_pitch, int64_t valid) {
   static_assert(KW <= 16, "column shifts must stay within one vector");
   const __mmask16 last =
       valid >= 16 * U ? __mmask16(0xFFFF) : __mmask16((1u << (valid - 16 * (U - 1))) - 1u);
@@ -413,7 +412,6 @@ __attribute__((noinline)) void conv_block_avx512(const float* base, int64_t pitc
   }
   FC_UNROLL
   for (int i = 0; i < R + KH - 1; ++i) {
-    tc.step();
     const float* src = base + i * pitch;
     __m512 a[U + 1];
     FC_UNROLL
@@ -450,23 +448,23 @@ __attribute__((noinline)) void conv_block_avx512(const float* base, int64_t pitc
 
 template <int KH, int KW, bool ACCUM, int R>
 inline void conv_block_cols(const float* base, int64_t pitch, const float* w, float init,
-                            float* o, int64_t out_pitch, int64_t cols, TrickleCursor& tc) {
+                            float* o, int64_t out_pitch, int64_t cols) {
   int64_t j = 0;
   for (; j + 64 < cols; j += 64)  // a partial chunk of 4 vectors is left to the switch
-    conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, 64, tc);
+    conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, 64);
   const int64_t rem = cols - j;
   switch ((rem + 15) / 16) {
     case 1:
-      conv_block_avx512<KH, KW, ACCUM, R, 1>(base + j, pitch, w, init, o + j, out_pitch, rem, tc);
+      conv_block_avx512<KH, KW, ACCUM, R, 1>(base + j, pitch, w, init, o + j, out_pitch, rem);
       break;
     case 2:
-      conv_block_avx512<KH, KW, ACCUM, R, 2>(base + j, pitch, w, init, o + j, out_pitch, rem, tc);
+      conv_block_avx512<KH, KW, ACCUM, R, 2>(base + j, pitch, w, init, o + j, out_pitch, rem);
       break;
     case 3:
-      conv_block_avx512<KH, KW, ACCUM, R, 3>(base + j, pitch, w, init, o + j, out_pitch, rem, tc);
+      conv_block_avx512<KH, KW, ACCUM, R, 3>(base + j, pitch, w, init, o + j, out_pitch, rem);
       break;
     case 4:
-      conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, rem, tc);
+      conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, rem);
       break;
     default:
       break;
@@ -479,18 +477,20 @@ void conv_rows_avx512(const float* buf, int64_t pitch, int64_t row0, const float
                       const Trickle& pf) {
   constexpr int R = 4;
   const float* base = buf + row0 * pitch;
-  // one Trickle slice per input row of each block: 2-3 cache lines at a time
-  TrickleCursor tc(pf, (rows + R - 1) / R * (R + KH - 1) * ((cols + 63) / 64));
+  const int64_t nblk = (rows + R - 1) / R;
   int64_t r = 0;
-  for (; r + R <= rows; r += R)
+  for (int64_t b = 0; r + R <= rows; r += R, ++b) {
+    pf.part(b, nblk);
     conv_block_cols<KH, KW, ACCUM, R>(base + r * pitch, pitch, w, init, out + r * out_pitch,
-                                      out_pitch, cols, tc);
+                                      out_pitch, cols);
+  }
+  pf.part(nblk - 1, nblk);
   for (; r + 2 <= rows; r += 2)
     conv_block_cols<KH, KW, ACCUM, 2>(base + r * pitch, pitch, w, init, out + r * out_pitch,
-                                      out_pitch, cols, tc);
+                                      out_pitch, cols);
   if (r < rows)
     conv_block_cols<KH, KW, ACCUM, 1>(base + r * pitch, pitch, w, init, out + r * out_pitch,
-                                      out_pitch, cols, tc);
+                                      out_pitch, cols);
 }
 
 // grad_weight of one NCHW plane, float, stride 1, dilation 1, square K (3, 5, 7), AVX-512:

@@ -102,16 +102,6 @@ struct Trickle {
   }
 };
 
-// Steps through the n slices of a Trickle, one per call, for kernels whose blocks are counted
-// in nested loops.
-struct TrickleCursor {
-  const Trickle& tr;
-  const int64_t n;
-  int64_t i = 0;
-  TrickleCursor(const Trickle& t, int64_t slices) : tr(t), n(slices) {}
-  void step() { tr.part(i++, n); }
-};
-
 // After a thread's last streaming store.
 inline void nt_fence() {
 #if defined(__AVX512F__)
