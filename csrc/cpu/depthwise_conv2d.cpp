@@ -452,23 +452,12 @@ inline void conv_block_cols(const float* base, int64_t pitch, const float* w, fl
   int64_t j = 0;
   for (; j + 64 < cols; j += 64)  // a partial chunk of 4 vectors is left to the switch
     conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, 64);
-  const int64_t rem = cols - j;
-  switch ((rem + 15) / 16) {
-    case 1:
-      conv_block_avx512<KH, KW, ACCUM, R, 1>(base + j, pitch, w, init, o + j, out_pitch, rem);
-      break;
-    case 2:
-      conv_block_avx512<KH, KW, ACCUM, R, 2>(base + j, pitch, w, init, o + j, out_pitch, rem);
-      break;
-    case 3:
-      conv_block_avx512<KH, KW, ACCUM, R, 3>(base + j, pitch, w, init, o + j, out_pitch, rem);
-      break;
-    case 4:
-      conv_block_avx512<KH, KW, ACCUM, R, 4>(base + j, pitch, w, init, o + j, out_pitch, rem);
-      break;
-    default:
-      break;
-  }
+  const int64_t rem = cols - j, vectors = (rem + 15) / 16;  // 1..4 (0: nothing left)
+  static_for<4>([&](auto uc) {
+    constexpr int U = decltype(uc)::value + 1;
+    if (vectors == U)
+      conv_block_avx512<KH, KW, ACCUM, R, U>(base + j, pitch, w, init, o + j, out_pitch, rem);
+  });
 }
 
 template <int KH, int KW, bool ACCUM>
