@@ -165,20 +165,26 @@ def _conv2d_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _depthwise_grads(grad, input, weight, stride, padding, dilation, bias_grad):
+    """(grad_input, grad_weight, grad_bias or None) from one _depthwise_conv2d_backward call
+    (its CPU kernels read grad_output once for all three)."""
+    grads = torch.ops.fastconv._depthwise_conv2d_backward(
+        grad, input, weight, stride, padding, dilation, bias_grad)
+    return grads[0], grads[1], (grads[2] if bias_grad else None)
+
+
 def _conv2d_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     stride, padding, dilation, groups, algo = ctx.conv_args
     grad_input = grad_weight = grad_bias = None
     bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
     # algo="auto" runs depthwise shapes (groups == C_in > 1, weight.size(1) == 1) on the
-    # depthwise kernels: then one call gives all the gradients (see _depthwise_backward)
+    # depthwise kernels: then one call gives all the gradients
     c_in = input.shape[1]
     if (algo == "auto" and groups == c_in and groups > 1 and weight.shape[0] % c_in == 0
             and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]):
-        grads = torch.ops.fastconv._depthwise_conv2d_backward(
-            grad, input, weight, stride, padding, dilation, bias_grad)
-        return (grads[0], grads[1], grads[2] if bias_grad else None, None, None, None, None,
-                None)
+        grads = _depthwise_grads(grad, input, weight, stride, padding, dilation, bias_grad)
+        return (*grads, None, None, None, None, None)
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.fastconv._conv2d_grad_input(
             grad, weight, list(input.shape), stride, padding, dilation, groups, algo)
@@ -206,10 +212,8 @@ def _depthwise_backward(ctx, grad):
     grad_input = grad_weight = grad_bias = None
     bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-        # one op for all three: the CPU kernels read grad_output once
-        grads = torch.ops.fastconv._depthwise_conv2d_backward(
-            grad, input, weight, stride, padding, dilation, bias_grad)
-        return (grads[0], grads[1], grads[2] if bias_grad else None, None, None, None)
+        grads = _depthwise_grads(grad, input, weight, stride, padding, dilation, bias_grad)
+        return (*grads, None, None, None)
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.fastconv._depthwise_conv2d_grad_input(
             grad, weight, list(input.shape), stride, padding, dilation)

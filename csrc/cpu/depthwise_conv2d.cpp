@@ -195,9 +195,8 @@ template <typename T>
 inline bool stream_planes(const T* base, int64_t plane_elems, int64_t total_elems) {
 #if defined(__AVX512F__)
   return std::is_same<T, float>::value &&
-         total_elems * static_cast<int64_t>(sizeof(T)) >= kStreamingStoreBytes &&
-         (plane_elems * static_cast<int64_t>(sizeof(T))) % 64 == 0 &&
-         reinterpret_cast<uintptr_t>(base) % 64 == 0;
+         stream_output(base, total_elems * static_cast<int64_t>(sizeof(T))) &&
+         (plane_elems * static_cast<int64_t>(sizeof(T))) % 64 == 0;
 #else
   (void)base, (void)plane_elems, (void)total_elems;
   return false;
@@ -559,7 +558,8 @@ void gw_plane_avx512_u(const float* x, int64_t pitch, const float* gb, int64_t g
                        int64_t OH, int64_t OW, float* accv, const Trickle& pf) {
   constexpr int NW = kGwTaps<K>;
   int kw = 0;
-  for (; kw + NW <= K; kw += NW) gw_plane_taps<K, NW, U>(x, pitch, gb, gpitch, OH, OW, kw, accv, pf);
+  for (; kw + NW <= K; kw += NW)
+    gw_plane_taps<K, NW, U>(x, pitch, gb, gpitch, OH, OW, kw, accv, pf);
   if (kw < K) gw_plane_taps<K, 1, U>(x, pitch, gb, gpitch, OH, OW, kw, accv, pf);
 }
 
@@ -577,6 +577,40 @@ bool gw_plane_avx512(const float* x, int64_t pitch, const float* gb, int64_t gpi
   }
 }
 #endif  // __AVX512F__
+
+// The shapes gw_plane_avx512 serves: float accumulators (checked by the callers), stride 1,
+// dilation 1, square 3x3 / 5x5 / 7x7, rows up to 64 - K + 1 wide, input buffer rows of `pitch`
+// floats a whole number of vectors.
+inline bool gw_plane_fast_applies(const Conv2dShape& s, int64_t pitch) {
+#if defined(__AVX512F__)
+  const int64_t K = s.kernel_h;
+  return s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 && s.dil_w == 1 && s.kernel_w == K &&
+         (K == 3 || K == 5 || K == 7) && s.out_w + K - 1 <= 64 && pitch % 16 == 0;
+#else
+  (void)s, (void)pitch;
+  return false;
+#endif
+}
+
+// The row pitch of the grad_output copy gw_plane_avx512 reads: a vector of zeros, the row, zeros
+// up to a whole number of vectors.
+inline int64_t shifted_pitch(int64_t OW, int64_t K) { return ((OW + K - 1 + 15) / 16 + 1) * 16; }
+
+#if defined(__AVX512F__)
+// accv += the tap sums of the grad_output plane g (OH x OW) against the padded input plane x
+// (rows of `pitch`): copies g into gsh (rows of shifted_pitch at column offset 16; the rest of
+// gsh is zero from its allocation and never written) and runs gw_plane_avx512. For shapes that
+// gw_plane_fast_applies to.
+inline void gw_plane_shifted(const float* x, int64_t pitch, const float* g, float* gsh,
+                             int64_t OH, int64_t OW, int64_t K, float* accv, const Trickle& pf) {
+  const int64_t gpitch = shifted_pitch(OW, K);
+  for (int64_t oh = 0; oh < OH; ++oh)
+    std::copy(g + oh * OW, g + (oh + 1) * OW, gsh + oh * gpitch + 16);
+  with_fixed_kernel(K, [&](auto kc) {
+    gw_plane_avx512<decltype(kc)::value>(x, pitch, gsh, gpitch, OH, OW, accv, pf);
+  });
+}
+#endif
 
 inline bool unit_cols(const int64_t* colofs, int64_t nkw) {
   for (int64_t kw = 0; kw < nkw; ++kw) {
@@ -790,7 +824,6 @@ void grad_input_nchw(const Tensor& grad_output, const Tensor& weight, Tensor& gr
   const PlaneBuf& b = plan.b;
   const auto& ph_h = plan.ph_h;
   const auto& ph_w = plan.ph_w;
-  const int64_t min_h = plan.min_h, min_w = plan.min_w;
   int64_t max_phase = 0;
   for (const auto& a : ph_h)
     for (const auto& c : ph_w) max_phase = std::max(max_phase, a.count * c.count);
@@ -1033,21 +1066,12 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   // the AVX-512 plane kernel (stride 1, dilation 1, square 3/5/7, rows up to 64 - K + 1 wide)
   const int64_t K = s.kernel_h;
-  const bool fast =
-#if defined(__AVX512F__)
-      std::is_same<acc_t, float>::value && s.stride_h == 1 && s.stride_w == 1 &&
-      s.dil_h == 1 && s.dil_w == 1 && s.kernel_w == K && (K == 3 || K == 5 || K == 7) &&
-      OW + K - 1 <= 64 && b.pitch % 16 == 0;
-#else
-      false;
-#endif
-  const int64_t gpitch = ((OW + K - 1 + 15) / 16 + 1) * 16;
+  const bool fast = std::is_same<acc_t, float>::value && gw_plane_fast_applies(s, b.pitch);
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     AlignedScratch<acc_t> buf(b.size());
     std::vector<acc_t> gbuf(kSame ? 0 : OH * OW);  // bfloat16 grad_output plane as float
     std::vector<acc_t> accv(m * K2 * V);
-    AlignedScratch<acc_t> gb(fast ? OH * gpitch : 0);  // zeros stay where no row is copied
-    if (fast) std::fill(gb.data(), gb.data() + OH * gpitch, acc_t(0));
+    AlignedScratch<acc_t> gb(fast ? OH * shifted_pitch(OW, K) : 0);  // gw_plane_shifted's
     for (int64_t t = begin; t < end; ++t) {
       const int64_t chunk = t / C, c = t % C;
       const int64_t n0 = chunk * N / B, n1 = (chunk + 1) * N / B;
@@ -1078,13 +1102,9 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
 #if defined(__AVX512F__)
           if constexpr (std::is_same<acc_t, float>::value) {
             if (fast) {
-              for (int64_t oh = 0; oh < OH; ++oh)
-                std::copy(g + oh * OW, g + (oh + 1) * OW, gb.data() + oh * gpitch + 16);
-              float* av = accv.data() + k * K2 * V;
-              with_fixed_kernel(K, [&](auto kc) {
-                done = gw_plane_avx512<decltype(kc)::value>(buf.data(), b.pitch, gb.data(),
-                                                            gpitch, OH, OW, av, next);
-              });
+              gw_plane_shifted(buf.data(), b.pitch, g, gb.data(), OH, OW, K,
+                               accv.data() + k * K2 * V, next);
+              done = true;
             }
           }
 #endif
@@ -1111,19 +1131,17 @@ void grad_weight_nchw(const Tensor& grad_output, const Tensor& input, Tensor& gr
 bool backward_nchw_fused(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
                          Tensor& grad_input, Tensor& grad_weight, Tensor& grad_bias,
                          const Conv2dShape& s) {
-  const int64_t K = s.kernel_h;
-  if (input.scalar_type() != at::kFloat || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 ||
-      s.dil_w != 1 || s.out_channels != s.in_channels || s.kernel_w != K ||
-      !(K == 3 || K == 5 || K == 7) || s.out_w + K - 1 > 64)
-    return false;
-  constexpr int V = 16;
-  const int64_t N = s.batch, C = s.in_channels, H = s.in_h, W = s.in_w;
-  const int64_t OH = s.out_h, OW = s.out_w, K2 = K * K;
   const PlaneBuf xb = input_plane_buf(s, 0);  // grad_weight's input plane
-  const GradInputPlan plan(s);                // grad_input's grad_output plane
+  if (input.scalar_type() != at::kFloat || s.out_channels != s.in_channels ||
+      !gw_plane_fast_applies(s, xb.pitch))
+    return false;
+  const GradInputPlan plan(s);  // grad_input's grad_output plane (stride 1: one phase)
   const PhaseTaps& th = plan.ph_h[0];
   const PhaseTaps& tw = plan.ph_w[0];
-  if (xb.pitch % 16 != 0 || th.taps.empty() || tw.taps.empty()) return false;
+  if (th.taps.empty() || tw.taps.empty()) return false;
+  constexpr int V = 16;
+  const int64_t N = s.batch, C = s.in_channels, H = s.in_h, W = s.in_w;
+  const int64_t OH = s.out_h, OW = s.out_w, K = s.kernel_h, K2 = K * K;
   const auto wts = to_acc_vector<float, float>(weight);
   std::vector<int64_t> rowofs, colofs;
   std::vector<float> wflip;  // per channel: the flipped taps (grad_input_nchw's phase weights)
@@ -1142,12 +1160,10 @@ bool backward_nchw_fused(const Tensor& grad_output, const Tensor& input, const T
   const float* go = grad_output.data_ptr<float>();
   float* gi = grad_input.data_ptr<float>();
   const bool nt = stream_planes(gi, H * W, grad_input.numel());
-  const int64_t gpitch = ((OW + K - 1 + 15) / 16 + 1) * 16;
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     AlignedScratch<float> xbuf(xb.size()), gbuf(plan.b.size());
+    AlignedScratch<float> gsh(OH * shifted_pitch(OW, K));  // gw_plane_shifted's
     PlaneStreamer out(nt, H * W);
-    AlignedScratch<float> gsh(OH * gpitch);  // zeros stay where no row is copied
-    std::fill(gsh.data(), gsh.data() + OH * gpitch, 0.f);
     std::vector<float> accv(K2 * V);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t chunk = t / C, c = t % C;
@@ -1167,13 +1183,8 @@ bool backward_nchw_fused(const Tensor& grad_output, const Tensor& input, const T
         }
         fill_plane(xp, H, W, xb, xbuf.data());
         fill_plane(gp, OH, OW, plan.b, gbuf.data());
-        for (int64_t oh = 0; oh < OH; ++oh)
-          std::copy(gp + oh * OW, gp + (oh + 1) * OW, gsh.data() + oh * gpitch + 16);
         if (gbias) bsum = _mm512_add_ps(bsum, lane_sums(gp, OH * OW));
-        with_fixed_kernel(K, [&](auto kc) {
-          gw_plane_avx512<decltype(kc)::value>(xbuf.data(), xb.pitch, gsh.data(), gpitch, OH, OW,
-                                               accv.data(), next_x);
-        });
+        gw_plane_shifted(xbuf.data(), xb.pitch, gp, gsh.data(), OH, OW, K, accv.data(), next_x);
         float* dst = out.begin(gi + (n * C + c) * H * W, next_g);
         conv_rows<false>(gbuf.data(), plan.b.pitch, 1, rowofs.data(), nkh, colofs.data(), nkw,
                          wflip.data() + c * nkh * nkw, 0.f, dst, W, H, W, next_g);

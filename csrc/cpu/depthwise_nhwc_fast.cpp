@@ -140,16 +140,10 @@ void correlate_impl(const float* x, const float* wk, const float* bias, float* o
   });
 }
 
-// Streaming stores for outputs that will not stay in cache (and are 64-byte aligned).
-inline bool stream_output(const float* out, int64_t elems) {
-  return elems * int64_t(sizeof(float)) >= kStreamingStoreBytes &&
-         reinterpret_cast<uintptr_t>(out) % 64 == 0;
-}
-
 template <int K>
 void correlate(const float* x, const float* wk, const float* bias, float* out, int64_t N,
                const Geometry& g) {
-  if (stream_output(out, N * g.OH * g.OW * g.C))
+  if (stream_output(out, N * g.OH * g.OW * g.C * int64_t(sizeof(float))))
     correlate_impl<K, true>(x, wk, bias, out, N, g);
   else
     correlate_impl<K, false>(x, wk, bias, out, N, g);
@@ -431,7 +425,8 @@ bool depthwise_nhwc_fast_backward(const at::Tensor& grad_output, const at::Tenso
   const Geometry g{s.in_h, s.in_w, C, s.out_h, s.out_w, s.pad_h, s.pad_w};
   const std::vector<float> wflip = taps_by_channel(weight, C, K, true);
   float* gb = grad_bias.defined() ? grad_bias.data_ptr<float>() : nullptr;
-  const bool nt = stream_output(grad_input.data_ptr<float>(), grad_input.numel());
+  const bool nt = stream_output(grad_input.data_ptr<float>(),
+                                static_cast<int64_t>(grad_input.nbytes()));
   return with_fixed_kernel(K, [&](auto kc) {
     constexpr int KK = decltype(kc)::value;
     const float* xp = x.data_ptr<float>();

@@ -34,6 +34,12 @@ inline void prefetch_slice(const void* p, int64_t bytes, int64_t i, int64_t n) {
 // of a memory-bound layer). Stores need 64-byte aligned addresses.
 constexpr int64_t kStreamingStoreBytes = int64_t(8) << 20;
 
+// Whether an output of `bytes` bytes at `out` takes the streaming stores (large enough, and
+// 64-byte aligned).
+inline bool stream_output(const void* out, int64_t bytes) {
+  return bytes >= kStreamingStoreBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+}
+
 // dst (64-byte aligned) = src (64-byte aligned) for [begin, end), multiples of 16 floats, with
 // streaming stores; the caller fences.
 inline void stream_copy(float* dst, const float* src, int64_t begin, int64_t end) {
