@@ -150,6 +150,11 @@ FUSED_CASES = CASES[::3] + [
     (2, 16, 1, 9, 13, 3, 1, 0, 1, True),    # 'valid': NCHW fused, channels_last separate ops
     (2, 3, 1, 9, 61, 3, 1, 1, 1, True),     # NCHW fused up to 64 - K + 1 columns ...
     (2, 3, 1, 5, 63, 3, 1, 1, 1, True),     # ... and the separate ops past it
+    # channels_last over 32 rows: each grad_weight chunk holds several row bands, and chunks
+    # and bands meet image ends at every offset
+    (5, 16, 1, 41, 11, 3, 1, 1, 1, True),
+    (3, 32, 1, 23, 9, 5, 1, 2, 1, False),
+    (4, 16, 1, 30, 17, 7, 1, 3, 1, True),
 ]
 
 
