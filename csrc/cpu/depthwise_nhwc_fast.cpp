@@ -130,21 +130,27 @@ inline const float* image_row(const float* base, const Geometry& g, int64_t n, i
   return ih < 0 || ih >= g.H ? nullptr : base + (n * g.H + ih) * g.W * g.C;
 }
 
-// The correlation's tasks are bands of up to kBandRows output rows of one image, done channel
-// block by channel block, the band's rows in order within each block. A channel block's slices
-// of the K input rows (K * W lines of 64 bytes, 10.5 KiB for 3x3 at W = 56) then stay in L1 from
-// one output row to the next, so each input line comes from L2 about once per band and channel
-// block instead of K times: row by row, a task's K input rows (96 KiB for 3x3 at C = 144) do not
-// fit in L1. Measured with the data in L2 (3x3, C = 144, W = 56): 8.8 -> 5.9 cycles per output
-// vector; cold, same-process A/B (bench shape, channels_last forward): 0.733 -> 0.648 and
-// 0.371 -> 0.329 ms at two memory speeds; 2 and 6 rows per band were slower than 4, and the same
-// ordering brought the fused backward nothing (its grad_input and grad_weight share the rows).
-constexpr int64_t kBandRows = 4;
+// The 3x3 correlation's tasks are bands of 4 output rows of one image, done channel block by
+// channel block, the band's rows in order within each block. A channel block's slices of the 3
+// input rows (3 * W lines of 64 bytes, 10.5 KiB at W = 56) then stay in L1 from one output row
+// to the next, so each input line comes from L2 about once per band and channel block instead of
+// 3 times: row by row, a task's input rows (96 KiB at C = 144) do not fit in L1. Measured with
+// the data in L2 (C = 144, W = 56): 8.8 -> 5.9 cycles per output vector; cold, in one process,
+// interleaved (bench shape, channels_last forward): 0.733 -> 0.648, 0.371 -> 0.329 and
+// 0.634 -> 0.581 ms at three memory speeds, 2 and 6 rows per band in between. 5x5 gained
+// nothing and 7x7 lost 4 % (0.915 -> 0.954 ms: compute-bound, and 7 row slices crowd L1), so
+// they keep one row per task. The fused backward kept its row order: bands of 1-3 rows measured
+// no faster there (1.118 / 1.117 / 1.147 / 1.181 ms).
+template <int K>
+constexpr int64_t band_rows() {
+  return K == 3 ? 4 : 1;
+}
 
 // wk[(kh * K + kw) * C + c]: the tap weights, channel-contiguous; bias[c] or nullptr.
 template <int K, bool NT>
 void correlate_impl(const float* x, const float* wk, const float* bias, float* out, int64_t N,
                     const Geometry& g) {
+  constexpr int64_t kBandRows = band_rows<K>();
   const int64_t per_image = (g.OH + kBandRows - 1) / kBandRows;
   at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
     const float* rows[K];
