@@ -130,6 +130,20 @@ inline const float* image_row(const float* base, const Geometry& g, int64_t n, i
   return ih < 0 || ih >= g.H ? nullptr : base + (n * g.H + ih) * g.W * g.C;
 }
 
+// Adds to `pf` the rows of `in` (H rows of W * C floats per image) that the next task reads and
+// the current one has not: tasks are output rows [o0, o1) of image n (current) and [p0, p1) of
+// image m (next, none if p1 <= p0); output row oh reads input rows oh - pad .. oh - pad + K - 1.
+// A next task in another image starts that image's rows (measured: without them each image's
+// first rows came from DRAM in strided passes).
+inline void add_next_rows(Trickle& pf, const float* in, int64_t H, int64_t row_elems, int64_t K,
+                          int64_t pad, int64_t n, int64_t o1, int64_t m, int64_t p0, int64_t p1) {
+  if (p1 <= p0) return;
+  int64_t lo = std::max<int64_t>(p0 - pad, 0);
+  const int64_t hi = std::min<int64_t>(p1 - 1 - pad + K, H);
+  if (m == n) lo = std::max<int64_t>(lo, o1 - 1 - pad + K);
+  if (hi > lo) pf.add(in + (m * H + lo) * row_elems, (hi - lo) * row_elems);
+}
+
 // The 3x3 correlation's tasks are bands of 4 output rows of one image, done channel block by
 // channel block, the band's rows in order within each block. A channel block's slices of the 3
 // input rows (3 * W lines of 64 bytes, 10.5 KiB at W = 56) then stay in L1 from one output row
@@ -157,12 +171,11 @@ void correlate_impl(const float* x, const float* wk, const float* bias, float* o
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = b / per_image, oh0 = b % per_image * kBandRows;
       const int64_t oh1 = std::min(oh0 + kBandRows, g.OH);
-      // the input rows the next band (same image) reads that this one has not
       Trickle next;
-      if (b + 1 < end && oh1 < g.OH) {
-        const int64_t lo = std::max<int64_t>(oh1 - g.ph + K - 1, 0);
-        const int64_t hi = std::min(std::min(oh1 + kBandRows, g.OH) - g.ph + K - 1, g.H);
-        if (hi > lo) next.add(x + (n * g.H + lo) * g.W * g.C, (hi - lo) * g.W * g.C);
+      if (b + 1 < end) {
+        const int64_t m = (b + 1) / per_image, p0 = (b + 1) % per_image * kBandRows;
+        add_next_rows(next, x, g.H, g.W * g.C, K, g.ph, n, oh1, m, p0,
+                      std::min(p0 + kBandRows, g.OH));
       }
       for (int64_t c0 = 0; c0 < g.C; c0 += 16)
         for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -307,19 +320,21 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
   // partial[chunk][cb][kh][kw][16]
   std::vector<float> partial(static_cast<size_t>(T * C * K * K));
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    const int64_t last = end * R / T;  // this thread's rows end here
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* part = partial.data() + chunk * C * K * K;
       std::fill(part, part + C * K * K, 0.f);
       for (int64_t t = chunk * R / T; t < (chunk + 1) * R / T; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
-        const int64_t ih_next = oh + 1 - g.ph + K - 1;
-        const bool more = t + 1 < (chunk + 1) * R / T && oh + 1 < g.OH;
-        const float* next_x =
-            more && ih_next >= 0 && ih_next < g.H ? x + (n * g.H + ih_next) * g.W * C : nullptr;
-        const float* next_g = more ? go + (t + 1) * g.OW * C : nullptr;
+        // the next row's new input row (or a new image's first rows) and grad_output row
+        Trickle next;
+        if (t + 1 < last) {
+          const int64_t m = (t + 1) / g.OH, p0 = (t + 1) % g.OH;
+          add_next_rows(next, x, g.H, g.W * C, K, g.ph, n, oh + 1, m, p0, p0 + 1);
+          next.add(go + (t + 1) * g.OW * C, g.OW * C);
+        }
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          prefetch_slice(next_x, g.W * C * int64_t(sizeof(float)), c0 / 16, C / 16);
-          prefetch_slice(next_g, g.OW * C * int64_t(sizeof(float)), c0 / 16, C / 16);
+          next.part(c0 / 16, C / 16);
           const float* xr[K];  // the kernel rows inside the image
           for (int kh = 0; kh < K; ++kh) {
             const float* r = image_row(x, g, n, oh - g.ph + kh);
@@ -361,9 +376,10 @@ void backward_rows(const float* x, const float* go, const float* wflip, float* g
         for (int kh = 0; kh < K; ++kh) grows[kh] = image_row(go, gg, n, oh - gg.ph + kh);
         // the next row reads one new input row and one new grad_output row
         Trickle next;
-        if (t + 1 < last && oh + 1 < g.OH) {
-          next.add(image_row(x, g, n, oh + 1 - g.ph + K - 1), g.W * C);
-          next.add(image_row(go, gg, n, oh + 1 - gg.ph + K - 1), g.OW * C);
+        if (t + 1 < last) {
+          const int64_t m = (t + 1) / g.OH, p0 = (t + 1) % g.OH;
+          add_next_rows(next, x, g.H, g.W * C, K, g.ph, n, oh + 1, m, p0, p0 + 1);
+          add_next_rows(next, go, g.OH, g.OW * C, K, gg.ph, n, oh + 1, m, p0, p0 + 1);
         }
         const float* grow = go + t * g.OW * C;
         const float* xrows[K];
