@@ -22,6 +22,10 @@ backward), on one device:
    the last-level cache (GPU L2, CPU L3), so no side is timed on cache-hot data. Forward runs
    under torch.no_grad() on both sides; forward + backward calls .backward(grad) on both.
    Median and IQR over --repeat samples (at least), each sample averaging several calls.
+   On CPU each measurement also records the process's minor page faults and system time per
+   call (getrusage): outputs freed and reallocated every call come back from the kernel
+   zero-filled whenever glibc has returned them to it (heap trimming), which can cost more than
+   the kernel itself; --malloc retain keeps freed memory in the process, on both sides.
 4. report: TFLOP/s for convolutions (2 * N * O * OH * OW * C/g * kH * kW per forward, x3 for
    forward + backward), GB/s and the fraction of the copy bandwidth (a large tensor copy timed
    in the same run) for depthwise and pooling, and speedup = torch time / fastconv time.
@@ -135,6 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a PNG of the speedups to PATH (needs matplotlib)")
     parser.add_argument("--list", action="store_true",
                         help="list the suite's cases and exit")
+    parser.add_argument("--malloc", default="default",
+                        help="default|retain: 'retain' has glibc keep freed memory in the process "
+                             "(mallopt: no heap trimming, mmap only above 32 MiB) for the rest "
+                             "of the process, so that outputs reallocated every call do not "
+                             "page-fault; both sides alike (default: glibc's own settings)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -230,7 +239,42 @@ def _resolve(args):
             if not os.path.isdir(parent):
                 raise BenchError(f"--{opt} {path}: directory {parent} does not exist")
     s["quiet"] = bool(args.quiet)
+    malloc = str(args.malloc).strip().lower()
+    if malloc not in ("default", "retain"):
+        raise BenchError(f"--malloc: expected default or retain, but got {args.malloc!r}")
+    if malloc == "retain" and _mallopt() is None:
+        raise BenchError("--malloc retain: needs glibc's mallopt (Linux); this process has none")
+    s["malloc"] = malloc
     return s
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _mallopt():
+    """glibc's mallopt from this process, or None (another C library, another OS)."""
+    import ctypes
+
+    try:
+        f = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
+
+
+def _retain_freed_memory():
+    """--malloc retain: glibc keeps freed memory in the process from now on (no trimming of the
+    heap top; blocks up to 32 MiB, glibc's largest mmap threshold, from the heap; the heap
+    grows 64 MiB beyond each request, so that a pattern of allocations that creeps upwards does
+    not touch fresh pages every call), so a buffer freed and reallocated every call is reused
+    without page faults, as with jemalloc or tcmalloc. Cannot be undone within the process."""
+    mallopt = _mallopt()
+    if mallopt is None or mallopt(_M_TRIM_THRESHOLD, 1 << 30) != 1 or \
+            mallopt(_M_MMAP_THRESHOLD, 32 << 20) != 1 or mallopt(_M_TOP_PAD, 64 << 20) != 1:
+        raise BenchError("--malloc retain: mallopt refused the settings")
 
 
 @contextlib.contextmanager
@@ -394,14 +438,36 @@ def _enough(times, per_sample_calls, s):
     return len(times) >= 3 and sum(times) * per_sample_calls >= s["max_time"]
 
 
-def _time_cpu(step, s):
+def _rusage():
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def _time_cpu(step, s, counts=None):
+    """Samples (seconds per call) and calls per sample; `counts` (a dict), when given, receives
+    the process's minor page faults and system CPU milliseconds per call, over every call made
+    here (calibration included; the counter costs both sides the same few tens of ns)."""
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=s["threads"])
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        step()
+
+    timer = Timer(stmt="step()", globals={"step": counted}, num_threads=s["threads"])
+    r0 = _rusage()
     m = timer.blocked_autorange(min_run_time=s["min_time"])
     times = list(m.times)
     while not _enough(times, m.number_per_run, s):
         times += timer.timeit(m.number_per_run).times
+    r1 = _rusage()
+    if counts is not None and r0 is not None and calls[0] > 0:
+        counts["page_faults_per_call"] = (r1.ru_minflt - r0.ru_minflt) / calls[0]
+        counts["sys_ms_per_call"] = (r1.ru_stime - r0.ru_stime) * 1e3 / calls[0]
     return times, m.number_per_run
 
 
@@ -435,8 +501,8 @@ def _time_cuda(step, s):
     return [a.elapsed_time(b) / 1e3 / inner for a, b in events], inner
 
 
-def _time(step, s):
-    return _time_cuda(step, s) if s["device"].type == "cuda" else _time_cpu(step, s)
+def _time(step, s, counts=None):
+    return _time_cuda(step, s) if s["device"].type == "cuda" else _time_cpu(step, s, counts)
 
 
 def _copy_bandwidth(s):
@@ -855,8 +921,9 @@ def _bench_case(case, direction, s, yard, log):
             tstep = _make_step(torch_fn, sets, direction)
             # the profiled call also warms up the timer's first measurement
             trec.update(_torch_backend(case, tstep, sets[0], s, direction))
-            times, per = _time(tstep, s)
-            trec.update(_stats(times), calls_per_sample=per)
+            counts = {}
+            times, per = _time(tstep, s, counts)
+            trec.update(_stats(times), calls_per_sample=per, **counts)
             trec.update(_rates(rec, trec["median_ms"], yard))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: no speedups for the case
             trec.update(status="ERROR", error=_first_line(e))
@@ -864,8 +931,9 @@ def _bench_case(case, direction, s, yard, log):
     for fr, fn in frecs:
         if fr["status"] == "OK":
             try:
-                times, per = _time(_make_step(fn, sets, direction), s)
-                fr.update(_stats(times), calls_per_sample=per)
+                counts = {}
+                times, per = _time(_make_step(fn, sets, direction), s, counts)
+                fr.update(_stats(times), calls_per_sample=per, **counts)
                 fr.update(_rates(rec, fr["median_ms"], yard))
                 if trec.get("median_ms"):
                     fr["speedup"] = trec["median_ms"] / fr["median_ms"]
@@ -888,7 +956,9 @@ def _bench_case(case, direction, s, yard, log):
 def _fmt_ms(r):
     if "median_ms" not in r:
         return f"{r['status']}"
-    return f"{r['median_ms']:9.3f} ms (IQR {r['iqr_ms']:.3f})"
+    faults = r.get("page_faults_per_call") or 0
+    note = f", {faults:.0f} page faults/call" if faults >= 1 else ""
+    return f"{r['median_ms']:9.3f} ms (IQR {r['iqr_ms']:.3f}{note})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1080,6 +1150,7 @@ def run(args) -> int:
         "directions": list(s["directions"]), "channels_last": s["channels_last"],
         "tf32": s["tf32"], "threads": s["threads"], "repeat": s["repeat"],
         "min_time_s": s["min_time"], "max_time_s": s["max_time"], "batch": s["batch"],
+        "malloc": s["malloc"],
         "timer": ("CUDA events, after warm-up" if s["device"].type == "cuda" else
                   "torch.utils.benchmark.Timer.blocked_autorange"),
         "correctness_tolerance": f"{TOL_FACTOR:g} * (eps_acc * sqrt(reduction) + eps) * rms(ref) "
@@ -1099,6 +1170,13 @@ def run(args) -> int:
             f"TF32 {'on' if s['tf32'] else 'off'}")
         if s["device_note"]:
             log(f"note: {s['device_note']}")
+        if s["malloc"] == "retain":
+            try:
+                _retain_freed_memory()
+            except BenchError as e:
+                print(f"fastconv bench: error: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            log("malloc: freed memory retained in the process (mallopt)")
         copy = _copy_bandwidth(s)
         gemm = _gemm_rate(s)
         yard = {"copy_gbps": copy["gbps"], "gemm_tflops": gemm["tflops"]}

@@ -98,12 +98,12 @@ ENV_FIELDS = ["device", "device_name", "cpu_model", "cpu_count", "threads", "tor
               "load_average_at_start", "load_average_at_end"]
 SETTING_FIELDS = ["suite", "ops", "dtype", "directions", "channels_last", "tf32", "threads",
                   "repeat", "cudnn_benchmark", "cudnn_allow_tf32", "cuda_matmul_allow_tf32",
-                  "timer"]
+                  "timer", "malloc"]
 CASE_FIELDS = ["id", "op", "network", "layer", "label", "direction", "kind", "input_shape",
                "output_shape", "kernel", "stride", "padding", "flops", "bytes", "torch",
                "fastconv", "input_sets"]
 TIMED_FIELDS = ["median_ms", "iqr_ms", "q25_ms", "q75_ms", "samples_ms", "gbps",
-                "copy_fraction"]
+                "copy_fraction", "page_faults_per_call", "sys_ms_per_call"]
 
 
 def test_end_to_end_json_and_plot(capsys, tmp_path):
@@ -121,6 +121,7 @@ def test_end_to_end_json_and_plot(capsys, tmp_path):
     for k in SETTING_FIELDS:
         assert k in data["settings"], k
     assert data["settings"]["threads"] == 1
+    assert data["settings"]["malloc"] == "default"
     assert data["copy_bandwidth"]["gbps"] > 0 and data["gemm_rate"]["tflops"] > 0
     cases = data["cases"]
     assert len(cases) == 2 * len(_cases.suite("tiny"))
@@ -134,6 +135,7 @@ def test_end_to_end_json_and_plot(capsys, tmp_path):
         assert t["backend"] and t["backend"] != "unknown"
         for k in TIMED_FIELDS:
             assert k in t, k
+        assert t["page_faults_per_call"] >= 0 and t["sys_ms_per_call"] >= 0
         assert len(t["samples_ms"]) >= 2
         expected = {"conv2d": {"im2col", "direct", "auto"},
                     "depthwise_conv2d": {"depthwise", "im2col", "direct", "auto"},
@@ -269,6 +271,7 @@ def test_list(capsys):
     (["--tf32", "maybe"], "--tf32: expected on or off"),
     (["--device", "tpu"], "--device: expected cpu, cuda, cuda:N or auto"),
     (["--json", "/nonexistent-dir/x.json"], "--json /nonexistent-dir/x.json: directory"),
+    (["--malloc", "jemalloc"], "--malloc: expected default or retain, but got 'jemalloc'"),
 ])
 def test_argument_errors(capsys, args, message):
     rc = benchmark.main(["--device", "cpu", "--suite", "tiny"] + args)
@@ -276,6 +279,50 @@ def test_argument_errors(capsys, args, message):
     assert rc == benchmark.EXIT_USAGE
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(benchmark._mallopt() is None, reason="needs glibc's mallopt")
+def test_malloc_retain(tmp_path):
+    # in a child process: mallopt's settings last for the rest of the process
+    code = """
+import ctypes, json, sys, torch
+from fastconv import benchmark
+# three 30 MiB buffers allocated, written and freed every call. Whether glibc then hands the
+# memory back to the kernel depends on the process's allocation history, so the test first
+# makes it certain: an mmap threshold of 128 KiB (glibc's initial value) maps each buffer
+# anew, and every call touches 3 x 7680 fresh pages.
+def churn():
+    a = [torch.empty(30 << 18).fill_(1.0) for _ in range(3)]
+    del a
+def faults_per_call():
+    for _ in range(3):
+        churn()
+    r0 = benchmark._rusage()
+    for _ in range(10):
+        churn()
+    r1 = benchmark._rusage()
+    return (r1.ru_minflt - r0.ru_minflt) / 10
+assert benchmark._mallopt()(benchmark._M_MMAP_THRESHOLD, 128 << 10) == 1
+before = faults_per_call()
+benchmark._retain_freed_memory()  # what --malloc retain does first
+after = faults_per_call()
+rc = benchmark.main(["--device", "cpu", "--suite", "tiny", "--repeat", "2", "--min-time",
+                     "0.005", "--threads", "1", "--ops", "max_pool2d", "--direction", "fwd",
+                     "--malloc", "retain", "--json", sys.argv[1]])
+print(json.dumps({"rc": rc, "before": before, "after": after}))
+"""
+    js = tmp_path / "retain.json"
+    r = subprocess.run([sys.executable, "-c", code, str(js)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rc"] == 0
+    assert "malloc: freed memory retained in the process" in r.stderr
+    assert res["before"] > 20000, res  # 23040 pages per call, mapped anew
+    assert res["after"] < 100, res  # retained: the same memory every call
+    data = json.loads(js.read_text())
+    assert data["settings"]["malloc"] == "retain"
+    assert all(c["torch"]["page_faults_per_call"] >= 0 for c in data["cases"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
