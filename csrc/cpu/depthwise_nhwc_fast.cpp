@@ -41,8 +41,8 @@ namespace fastconv {
 namespace {
 
 // The kernels read each image row in C / 16 strided passes (one per channel block), which the
-// hardware prefetchers do not run ahead of: each task prefetches (prefetch_slice) the one row
-// the next task will need that it has not read, spread over its channel blocks.
+// hardware prefetchers do not run ahead of: each task prefetches (Trickle, add_next_rows) the
+// rows the next task will need that it has not read, spread over its blocks.
 struct Geometry {
   int64_t H, W, C;    // input of the correlation (x, or grad_output for grad_input)
   int64_t OH, OW;     // its output
@@ -131,10 +131,11 @@ inline const float* image_row(const float* base, const Geometry& g, int64_t n, i
 }
 
 // Adds to `pf` the rows of `in` (H rows of W * C floats per image) that the next task reads and
-// the current one has not: tasks are output rows [o0, o1) of image n (current) and [p0, p1) of
-// image m (next, none if p1 <= p0); output row oh reads input rows oh - pad .. oh - pad + K - 1.
-// A next task in another image starts that image's rows (measured: without them each image's
-// first rows came from DRAM in strided passes).
+// the current one has not. The current task's output rows end at o1 (exclusive) in image n, the
+// next task's are [p0, p1) of image m (none if p1 <= p0); output row oh reads input rows
+// oh - pad .. oh - pad + K - 1. A next task in another image gets that image's first rows
+// (without them each image's first rows came from DRAM in strided passes: the fused backward
+// measured 1.085 -> 1.061 ms for 3x3, 2.228 -> 2.129 for 7x7).
 inline void add_next_rows(Trickle& pf, const float* in, int64_t H, int64_t row_elems, int64_t K,
                           int64_t pad, int64_t n, int64_t o1, int64_t m, int64_t p0, int64_t p1) {
   if (p1 <= p0) return;
