@@ -141,9 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="list the suite's cases and exit")
     parser.add_argument("--malloc", default="default",
                         help="default|retain: 'retain' has glibc keep freed memory in the process "
-                             "(mallopt: no heap trimming, mmap only above 32 MiB) for the rest "
-                             "of the process, so that outputs reallocated every call do not "
-                             "page-fault; both sides alike (default: glibc's own settings)")
+                             "(mallopt: no heap trimming, mmap only above 32 MiB, 64 MiB of heap "
+                             "top padding) for the rest of the process, so that outputs "
+                             "reallocated every call do not page-fault; both sides alike "
+                             "(default: glibc's own settings)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
