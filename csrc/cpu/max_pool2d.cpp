@@ -1151,9 +1151,10 @@ void max_pool2d_channels_last(const scalar_t* in, scalar_t* out, void* idx_ptr,
   });
 }
 
-// Backward channels_last: same mapping as max_pool2d_backward_channels_last; per input pixel
-// the windows containing it are listed once (grad_output / index offset and the tap number or
-// position, in increasing (oh, ow)), then NB * 16 channels at a time sum the hits in registers.
+// Backward channels_last: same mapping as max_pool2d_backward_channels_last; the windows
+// containing each pixel of an input row are listed first (grad_output / index offset and the tap
+// number or position, in increasing (oh, ow)), then per pixel NB * 16 channels at a time sum the
+// hits in registers.
 // WHOLE: all NB * 16 channels exist (no masks, no bounds checks).
 template <int NB, bool WHOLE, typename scalar_t, typename index_t>
 inline void cl_gather(const Region<scalar_t>& greg, const Region<index_t>& ireg,
@@ -1197,35 +1198,60 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
   const CandTable rows(s.in_h, s.out_h, s.stride_h, s.pad_h, s.dil_h, s.kernel_h);
   const CandTable cols(W, s.out_w, s.stride_w, s.pad_w, s.dil_w, s.kernel_w);
   const int64_t grain = grain_for(s.in_w * s.channels * 4);
+  // every input column's windows along the row, once per call: (ow * C, column tap), and the
+  // offset of each column's first entry in them
+  std::vector<int64_t> col_off;
+  std::vector<int32_t> col_tap;
+  std::vector<int64_t> col_first(W + 1, 0);
+  for (int64_t w = 0; w < W; ++w) {
+    for (int z = 0; z < cols.count(w); ++z) {
+      col_off.push_back(cols.at(w)[z].o * C);
+      col_tap.push_back(static_cast<int32_t>(cols.at(w)[z].t));
+    }
+    col_first[w + 1] = static_cast<int64_t>(col_off.size());
+  }
   at::parallel_for(0, s.batch * s.in_h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> offs(s.kernel_h * s.kernel_w);
-    std::vector<int32_t> taps(s.kernel_h * s.kernel_w);
+    // the windows of every pixel of one input row, in increasing (oh, ow): pixel w's are
+    // entries [first[w], first[w + 1]). Listed for the whole row before any pixel is summed
+    // (per pixel, listing and summing alternated and the sums waited on the list just written:
+    // same-process A/B, 3x3 s2 C=64 112x112 N=8: backward 1.25-1.53 -> 0.96-1.12 ms,
+    // fwd+bwd 2.89-3.09 -> 2.38-2.47 ms).
+    std::vector<int64_t> offs(col_off.size() * s.kernel_h);
+    std::vector<int32_t> taps(col_off.size() * s.kernel_h);
+    std::vector<int64_t> first(W + 1);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t nb = u / s.in_h, h = u % s.in_h;
       const Cand* hc = rows.at(h);
       const int nh = rows.count(h);
       const int64_t base = nb * s.out_h * s.out_w * C;
+      int64_t n = 0;
       for (int64_t w = 0; w < W; ++w) {
-        const Cand* wc = cols.at(w);
-        const int nw = cols.count(w);
-        int n = 0;
+        first[w] = n;
         for (int x = 0; x < nh; ++x) {
-          for (int z = 0; z < nw; ++z, ++n) {
-            offs[n] = base + (hc[x].o * s.out_w + wc[z].o) * C;
-            taps[n] = static_cast<int32_t>(hc[x].t * s.kernel_w + wc[z].t);
+          const int64_t row_off = base + hc[x].o * s.out_w * C;
+          const int32_t row_tap = static_cast<int32_t>(hc[x].t * s.kernel_w);
+          for (int64_t z = col_first[w]; z < col_first[w + 1]; ++z, ++n) {
+            offs[n] = row_off + col_off[z];
+            taps[n] = row_tap + col_tap[z];
           }
         }
+      }
+      first[W] = n;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t* po = offs.data() + first[w];
+        const int32_t* pt = taps.data() + first[w];
+        const int cnt = static_cast<int>(first[w + 1] - first[w]);
         const int64_t target = h * W + w;
         scalar_t* y = gi + (u * W + w) * C;
         int64_t c0 = 0;
         for (; c0 + 64 <= C; c0 += 64) {
-          cl_gather<4, true>(greg, ireg, g, idx, offs.data(), taps.data(), n, target, c0, C, y);
+          cl_gather<4, true>(greg, ireg, g, idx, po, pt, cnt, target, c0, C, y);
         }
         for (; c0 + 16 <= C; c0 += 16) {
-          cl_gather<1, true>(greg, ireg, g, idx, offs.data(), taps.data(), n, target, c0, C, y);
+          cl_gather<1, true>(greg, ireg, g, idx, po, pt, cnt, target, c0, C, y);
         }
         if (c0 < C) {
-          cl_gather<1, false>(greg, ireg, g, idx, offs.data(), taps.data(), n, target, c0, C, y);
+          cl_gather<1, false>(greg, ireg, g, idx, po, pt, cnt, target, c0, C, y);
         }
       }
     }
