@@ -334,13 +334,12 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
           add_next_rows(next, x, g.H, g.W * C, K, g.ph, n, oh + 1, m, p0, p0 + 1);
           next.add(go + (t + 1) * g.OW * C, g.OW * C);
         }
+        const float* xrows[K];  // the kernel rows inside the image
+        for (int kh = 0; kh < K; ++kh) xrows[kh] = image_row(x, g, n, oh - g.ph + kh);
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
           next.part(c0 / 16, C / 16);
-          const float* xr[K];  // the kernel rows inside the image
-          for (int kh = 0; kh < K; ++kh) {
-            const float* r = image_row(x, g, n, oh - g.ph + kh);
-            xr[kh] = r ? r + c0 : nullptr;
-          }
+          const float* xr[K];
+          for (int kh = 0; kh < K; ++kh) xr[kh] = xrows[kh] ? xrows[kh] + c0 : nullptr;
           gw_rows<K>(xr, go + t * g.OW * C + c0, g, part + c0 * K * K);
         }
       }
