@@ -313,6 +313,15 @@ void gw_rows(const float* const* xr, const float* gr, const Geometry& g, float* 
     if (xr[kh] != nullptr) gw_row<K>(xr[kh], gr, g, part + kh * K * 16);
 }
 
+// bp[c0, c0 + 16) += the grad_output vectors of row `grow` at pixels [ow0, ow1), in pixel order.
+inline void bias_sums(float* bp, const float* grow, int64_t C, int64_t c0, int64_t ow0,
+                      int64_t ow1) {
+  __m512 acc = _mm512_loadu_ps(bp + c0);
+  for (int64_t ow = ow0; ow < ow1; ++ow)
+    acc = _mm512_add_ps(acc, _mm512_loadu_ps(grow + ow * C + c0));
+  _mm512_storeu_ps(bp + c0, acc);
+}
+
 // 3x3, one row t of the grad_weight sums (and, with GI, of grad_input and the bias sums), pixel
 // block by pixel block with all channel blocks of a pixel block before the next: the rows are
 // then read in memory order, 8 pixels * C channels at a time, rather than in C / 16 passes
@@ -349,12 +358,6 @@ void pm3_row(const float* const* xrows, const float* grow, const float* const* g
         _mm512_storeu_ps(pp + (kh * K + kw) * 16, _mm512_add_ps(acc[0][kw], acc[1][kw]));
     }
   };
-  auto bias_sums = [&](int64_t c0, int64_t ow0, int64_t ow1) {
-    __m512 acc = _mm512_loadu_ps(bp + c0);
-    for (int64_t ow = ow0; ow < ow1; ++ow)
-      acc = _mm512_add_ps(acc, _mm512_loadu_ps(grow + ow * C + c0));
-    _mm512_storeu_ps(bp + c0, acc);
-  };
   for (int64_t b = 0; b < nblk; ++b) {
     const int64_t ow = b * kGwBlock, iw0 = ow - gg.pw;
     const bool gw_interior = ow - g.pw >= 0 && ow - g.pw + kGwBlock + K - 1 <= g.W;
@@ -362,7 +365,7 @@ void pm3_row(const float* const* xrows, const float* grow, const float* const* g
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       next.part(b * ncb + c0 / 16, nblk * ncb);
       gw_sums(c0, ow, gw_interior);
-      if (bp) bias_sums(c0, ow, ow + kGwBlock);
+      if (bp) bias_sums(bp, grow, C, c0, ow, ow + kGwBlock);
       if (GI) {
         const float* r[K];
         for (int kh = 0; kh < K; ++kh) r[kh] = grows[kh] ? grows[kh] + c0 : nullptr;
@@ -381,7 +384,7 @@ void pm3_row(const float* const* xrows, const float* grow, const float* const* g
       if (xrows[kh] != nullptr)
         gw_pixels<K>(xrows[kh] + c0, grow + c0, g.W, C, g.pw, ow0, g.OW,
                      part + c0 * K * K + kh * K * 16);
-    if (bp) bias_sums(c0, ow0, g.OW);
+    if (bp) bias_sums(bp, grow, C, c0, ow0, g.OW);
     if (GI) {
       const float* r[K];
       for (int kh = 0; kh < K; ++kh) r[kh] = grows[kh] ? grows[kh] + c0 : nullptr;
@@ -479,12 +482,7 @@ void backward_rows(const float* x, const float* go, const float* wflip, float* g
           const float* xr[K];
           for (int kh = 0; kh < K; ++kh) xr[kh] = xrows[kh] ? xrows[kh] + c0 : nullptr;
           gw_rows<K>(xr, grow + c0, g, part + c0 * K * K);
-          if (bp) {
-            __m512 acc = _mm512_loadu_ps(bp + c0);
-            for (int64_t ow = 0; ow < g.OW; ++ow)
-              acc = _mm512_add_ps(acc, _mm512_loadu_ps(grow + ow * C + c0));
-            _mm512_storeu_ps(bp + c0, acc);
-          }
+          if (bp) bias_sums(bp, grow, C, c0, 0, g.OW);
           corr_row_block<K, NT>(grows, gg, wflip, nullptr, gi + t * g.W * C, next, c0);
         }
       }
