@@ -41,8 +41,9 @@ namespace fastconv {
 #if defined(__AVX512F__)
 namespace {
 
-// The kernels read each image row in C / 16 strided passes (one per channel block), which the
-// hardware prefetchers do not run ahead of: each task prefetches (Trickle, add_next_rows) the
+// Most kernels here read each image row in C / 16 strided passes (one per channel block), which
+// the hardware prefetchers do not run ahead of (pm3_row reads rows in memory order, but measured
+// slower without the prefetches too): each task prefetches (Trickle, add_next_rows) the
 // rows the next task will need that it has not read, spread over its blocks.
 struct Geometry {
   int64_t H, W, C;    // input of the correlation (x, or grad_output for grad_input)
@@ -225,18 +226,19 @@ __attribute__((always_inline)) inline void gw_block(const float* xr, const float
       acc[p % S][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[p % S][kw]);
 }
 
-// Full blocks over [0, nblk * P) of one row; the K tap sums (16 lanes each, in part) stay in
-// registers for the whole row, in S sets (pixel p feeds set p % S), added at the end.
+// Full blocks [b0, b1) (pixels [b0 * P, b1 * P)) of one row; the K tap sums (16 lanes each, in
+// part) stay in registers over the blocks, in S sets (pixel p feeds set p % S), added at the end.
 template <int K, int S>
-__attribute__((noinline)) void gw_blocks_s(const float* xr, const float* gr, int64_t W,
-                                           int64_t C, int64_t pw, int64_t nblk, float* part) {
+__attribute__((always_inline)) inline void gw_block_range(const float* xr, const float* gr,
+                                                          int64_t W, int64_t C, int64_t pw,
+                                                          int64_t b0, int64_t b1, float* part) {
   constexpr int P = kGwBlock;
   __m512 acc[S][K];
   for (int kw = 0; kw < K; ++kw) {
     acc[0][kw] = _mm512_loadu_ps(part + kw * 16);
     for (int s = 1; s < S; ++s) acc[s][kw] = _mm512_setzero_ps();
   }
-  for (int64_t b = 0; b < nblk; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t ow = b * P;
     if (ow - pw >= 0 && ow - pw + P + K - 1 <= W)
       gw_block<K, S, true>(xr, gr, W, C, pw, ow, acc);
@@ -248,6 +250,13 @@ __attribute__((noinline)) void gw_blocks_s(const float* xr, const float* gr, int
     for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][kw]);
     _mm512_storeu_ps(part + kw * 16, sum);
   }
+}
+
+// A whole row's full blocks, the sums in registers throughout.
+template <int K, int S>
+__attribute__((noinline)) void gw_blocks_s(const float* xr, const float* gr, int64_t W,
+                                           int64_t C, int64_t pw, int64_t nblk, float* part) {
+  gw_block_range<K, S>(xr, gr, W, C, pw, 0, nblk, part);
 }
 
 // Two accumulator sets (even and odd pixels) for 3x3 and 5x5: with one, the K FMA chains are
@@ -341,30 +350,15 @@ void pm3_row(const float* const* xrows, const float* grow, const float* const* g
              float* part, float* bp, const Trickle& next) {
   constexpr int K = 3, S = 2;
   const int64_t C = g.C, nblk = g.OW / kGwBlock, ncb = C / 16;
-  auto gw_sums = [&](int64_t c0, int64_t ow, bool interior) {
-    float* pp = part + c0 * K * K;
-    for (int kh = 0; kh < K; ++kh) {
-      if (xrows[kh] == nullptr) continue;
-      __m512 acc[S][K];
-      for (int kw = 0; kw < K; ++kw) {
-        acc[0][kw] = _mm512_loadu_ps(pp + (kh * K + kw) * 16);
-        acc[1][kw] = _mm512_setzero_ps();
-      }
-      if (interior)
-        gw_block<K, S, true>(xrows[kh] + c0, grow + c0, g.W, C, g.pw, ow, acc);
-      else
-        gw_block<K, S, false>(xrows[kh] + c0, grow + c0, g.W, C, g.pw, ow, acc);
-      for (int kw = 0; kw < K; ++kw)
-        _mm512_storeu_ps(pp + (kh * K + kw) * 16, _mm512_add_ps(acc[0][kw], acc[1][kw]));
-    }
-  };
   for (int64_t b = 0; b < nblk; ++b) {
     const int64_t ow = b * kGwBlock, iw0 = ow - gg.pw;
-    const bool gw_interior = ow - g.pw >= 0 && ow - g.pw + kGwBlock + K - 1 <= g.W;
     const bool gi_interior = iw0 >= 0 && iw0 + kGwBlock + K - 1 <= gg.W;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       next.part(b * ncb + c0 / 16, nblk * ncb);
-      gw_sums(c0, ow, gw_interior);
+      for (int kh = 0; kh < K; ++kh)
+        if (xrows[kh] != nullptr)
+          gw_block_range<K, S>(xrows[kh] + c0, grow + c0, g.W, C, g.pw, b, b + 1,
+                               part + c0 * K * K + kh * K * 16);
       if (bp) bias_sums(bp, grow, C, c0, ow, ow + kGwBlock);
       if (GI) {
         const float* r[K];
