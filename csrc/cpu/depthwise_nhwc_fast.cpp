@@ -348,9 +348,9 @@ __attribute__((always_inline)) inline __m512 walk_load(const float*& r, int64_t 
 // same operations in the same order, so the same bits. EDGE 0: all ten input columns inside
 // the image; 1: the first is column -1; 2: the last is column W (those read as zeros, as in
 // gw_block). x[kh]: input row kh at the first column read and the channel block; gr:
-// grad_output at (ow, c0); part: [kh][kw][16]; bp: the bias sums at c0, or nullptr. With the
-// bench shape in one process, cold, alternating order, the fused backward measured 1.11-1.14
-// -> 0.96-1.02 ms (five comparisons); with the data in L3 (N = 2) 0.243 -> 0.209 ms.
+// grad_output at (ow, c0); part: [kh][kw][16]; bp: the bias sums at c0, or nullptr. Fused
+// backward with the data in L3 (bench shape at N = 2): 0.243 -> 0.209 ms; cold, the in-process
+// comparisons at the bench shape ranged from 13 % faster to 7 % slower (README).
 template <int EDGE>
 __attribute__((noinline)) void gw3_block(const float* const* x, const float* gr, int64_t C,
                                          float* part, float* bp) {
