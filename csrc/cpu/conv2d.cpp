@@ -9,6 +9,7 @@
 #include "common/checks.h"
 #include "cpu/conv2d.h"
 #include "cpu/kernels.h"
+#include "cpu/memory_hints.h"
 
 namespace fastconv {
 namespace {
@@ -40,6 +41,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   at::Tensor out = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options(),
                              conv_memory_format(input, weight));
+  advise_huge_pages(out.data_ptr(), static_cast<int64_t>(out.nbytes()));
   if (out.numel() == 0) return out;
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
@@ -69,6 +71,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
   }
   at::Tensor gi = at::empty(input_size, grad_output.options(),
                             conv_memory_format(grad_output, weight));
+  advise_huge_pages(gi.data_ptr(), static_cast<int64_t>(gi.nbytes()));
   if (gi.numel() == 0) return gi;
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor w = weight.contiguous();

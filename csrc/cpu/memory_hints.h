@@ -108,6 +108,14 @@ struct Trickle {
   }
 };
 
+// Asks the OS (Linux, transparent huge pages in "madvise" mode) to back the 2 MiB-aligned part
+// of a freshly allocated output of `bytes` bytes with huge pages before it is first written. An
+// output that glibc hands out fresh from the OS is otherwise faulted in 4 KiB at a time: 3,500
+// page faults for a 14 MiB output, which measured 6.5 ms single-threaded here, 1.2-2.0 ms with
+// huge pages. Memory the process already holds is unaffected. Outputs under 4 MiB are left
+// alone; FASTCONV_HUGE_PAGES=0 in the environment turns this off.
+void advise_huge_pages(void* p, int64_t bytes);
+
 // After a thread's last streaming store.
 inline void nt_fence() {
 #if defined(__AVX512F__)
