@@ -41,7 +41,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   at::Tensor out = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options(),
                              conv_memory_format(input, weight));
-  advise_huge_pages(out.data_ptr(), static_cast<int64_t>(out.nbytes()));
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
@@ -71,7 +71,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
   }
   at::Tensor gi = at::empty(input_size, grad_output.options(),
                             conv_memory_format(grad_output, weight));
-  advise_huge_pages(gi.data_ptr(), static_cast<int64_t>(gi.nbytes()));
+  advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor w = weight.contiguous();

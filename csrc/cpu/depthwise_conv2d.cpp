@@ -1950,7 +1950,7 @@ at::Tensor depthwise_conv2d_forward_cpu(
   const auto fmt = conv_memory_format(input, weight);
   Tensor out = at::empty({s.batch, s.out_channels, s.out_h, s.out_w},
                          input.options().memory_format(fmt));
-  advise_huge_pages(out.data_ptr(), static_cast<int64_t>(out.nbytes()));
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
   const Tensor w = weight.contiguous();
   c10::optional<Tensor> b;
@@ -1975,7 +1975,7 @@ at::Tensor depthwise_conv2d_grad_input_cpu(
   check_grad_output(op, grad_output, weight, "weight", s);
   const auto fmt = conv_memory_format(grad_output, weight);
   Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(fmt));
-  advise_huge_pages(grad_input.data_ptr(), static_cast<int64_t>(grad_input.nbytes()));
+  advise_huge_pages(grad_input);
   if (grad_input.numel() == 0) return grad_input;
   const Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_output.scalar_type(), op, [&] {
@@ -2030,7 +2030,7 @@ std::vector<at::Tensor> depthwise_conv2d_backward_cpu(
     const Tensor go = grad_output.contiguous(fmt), x = input.contiguous(fmt);
     const Tensor w = weight.contiguous();
     Tensor grad_input = at::empty(input.sizes(), grad_output.options().memory_format(fmt));
-    advise_huge_pages(grad_input.data_ptr(), static_cast<int64_t>(grad_input.nbytes()));
+    advise_huge_pages(grad_input);
     Tensor grad_weight = at::empty(weight.sizes(), grad_output.options());
     Tensor grad_bias = bias_grad ? at::empty({s.out_channels}, grad_output.options()) : Tensor();
     const bool done = fmt == at::MemoryFormat::ChannelsLast

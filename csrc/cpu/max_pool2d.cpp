@@ -1369,14 +1369,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(
   const auto fmt = input.suggest_memory_format();
   const std::vector<int64_t> out_shape{s.batch, s.channels, s.out_h, s.out_w};
   at::Tensor out = at::empty(out_shape, input.options().memory_format(fmt));
-  advise_huge_pages(out.data_ptr(), static_cast<int64_t>(out.nbytes()));
+  advise_huge_pages(out);
   at::Tensor idx;
   if (mode == PoolIndices::kNone) {
     idx = at::empty({0}, input.options().dtype(at::kLong));
   } else {
     const auto idt = mode == PoolIndices::kCompact ? at::kByte : at::kLong;
     idx = at::empty(out_shape, input.options().dtype(idt).memory_format(fmt));
-    advise_huge_pages(idx.data_ptr(), static_cast<int64_t>(idx.nbytes()));
+    advise_huge_pages(idx);
   }
   if (out.numel() == 0) return {out, idx};
 
@@ -1437,7 +1437,7 @@ at::Tensor max_pool2d_backward_cpu(
   check_pool_backward_args(grad_output, input, indices, s);
   const auto fmt = input.suggest_memory_format();
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
-  advise_huge_pages(grad_input.data_ptr(), static_cast<int64_t>(grad_input.nbytes()));
+  advise_huge_pages(grad_input);
   if (grad_input.numel() == 0) return grad_input;
 
   const at::Tensor g = grad_output.contiguous(fmt);
