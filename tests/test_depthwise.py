@@ -155,6 +155,13 @@ FUSED_CASES = CASES[::3] + [
     (5, 16, 1, 41, 11, 3, 1, 1, 1, True),
     (3, 32, 1, 23, 9, 5, 1, 2, 1, False),
     (4, 16, 1, 30, 17, 7, 1, 3, 1, True),
+    # 3x3 channels_last walks rows in pairs within a chunk and an image: pairs with 8-, 4- and
+    # 1-pixel blocks, rows narrower than a block, and the grad_weight op's pairs at padding 0
+    # and 2 (where the separate ops run)
+    (3, 16, 1, 23, 13, 3, 1, 1, 1, True),
+    (3, 32, 1, 30, 5, 3, 1, 1, 1, False),
+    (4, 16, 1, 20, 12, 3, 1, 0, 1, True),
+    (3, 16, 1, 17, 10, 3, 1, 2, 1, False),
 ]
 
 

@@ -19,8 +19,9 @@
 // Per (row, channel block, kh) the K tap sums stay in registers for the whole row; per block of
 // P pixels the P grad_output vectors and the P + K - 1 input vectors are loaded once. Rows are
 // split into a fixed number of chunks (independent of the thread count) whose partial sums are
-// added in chunk order: the result is the same bits for any number of threads. 3x3 walks each
-// row pixel block by pixel block instead, all channel blocks of one block first (pm3_row).
+// added in chunk order: the result is the same bits for any number of threads. The 3x3 backward
+// walks two rows at a time pixel block by pixel block instead, all channel blocks of one block
+// first (backward3).
 
 #include "cpu/depthwise_fast.h"
 #include "cpu/memory_hints.h"
@@ -42,9 +43,9 @@ namespace fastconv {
 namespace {
 
 // Most kernels here read each image row in C / 16 strided passes (one per channel block), which
-// the hardware prefetchers do not run ahead of (pm3_row reads rows in memory order, but measured
-// slower without the prefetches too): each task prefetches (Trickle, add_next_rows) the
-// rows the next task will need that it has not read, spread over its blocks.
+// the hardware prefetchers do not run ahead of (backward3 reads rows in memory order, but
+// measured slower without the prefetches too): each task prefetches (Trickle, add_next_rows)
+// the rows the next task will need that it has not read, spread over its blocks.
 struct Geometry {
   int64_t H, W, C;    // input of the correlation (x, or grad_output for grad_input)
   int64_t OH, OW;     // its output
@@ -331,159 +332,292 @@ inline void bias_sums(float* bp, const float* grow, int64_t C, int64_t c0, int64
   _mm512_storeu_ps(bp + c0, acc);
 }
 
-// Loads the vector at `r` and steps `r` one column (C floats) on. The empty asm takes the vector
-// as a scalar (an array element there made GCC keep the whole array on the stack) and keeps
-// GCC from folding the load into the FMAs that use it, or the walk into one offset register
-// per column.
-__attribute__((always_inline)) inline __m512 walk_load(const float*& r, int64_t C) {
-  __m512 v = _mm512_loadu_ps(r);
-  r += C;
-  asm("" : "+r"(r), "+v"(v));
-  return v;
-}
+// 3x3 backward, two output rows at a time. A task is output rows t and t + 1 of one image (one
+// row where a chunk or an image ends), walked pixel block by pixel block with all channel
+// blocks of a pixel block before the next, so the rows are read in memory order. Per block of
+// 8 pixels and 16 channels it computes grad_input rows t and t + 1 (corr3_rows2) and adds the
+// grad_weight tap sums and the bias sums of both grad_output rows (gw3_rows2). The two output
+// rows share three of the four input rows each needs, so every x and grad_output line comes
+// from L2 twice instead of three times, and each loaded vector feeds twice the FMAs: 5.5 (tap
+// sums) and 6.0 (grad_input) cycles per output vector with the data in L1, against 7.5 for the
+// one-row tap sums. The next task's rows are prefetched in two slices per block, one before
+// each half. Measured in one process against the one-row kernels (bench shape, 2 threads, 4
+// rotating input sets, alternating order, 40 rounds over 8 minutes): 0.66-0.78 against
+// 0.88-1.19 ms while a streaming copy of the same bytes took 0.38-0.45 ms, and 0.86-1.16
+// against 0.85-1.14 ms while it took 0.72-0.84 ms (memory-bound). With a single prefetch burst
+// per block instead of two slices the two-row kernel lost to the one-row one in the slow phase.
 
-// The 3x3 grad_weight sums (and the bias sum when bp) of one block of 8 pixels and one channel
-// block whose three input rows are inside the image: the work of three gw_block_range calls and
-// bias_sums in one straight run, the grad_output vectors loaded once instead of four times. The
-// same operations in the same order, so the same bits. EDGE 0: all ten input columns inside
-// the image; 1: the first is column -1; 2: the last is column W (those read as zeros, as in
-// gw_block). x[kh]: input row kh at the first column read and the channel block; gr:
-// grad_output at (ow, c0); part: [kh][kw][16]; bp: the bias sums at c0, or nullptr. Fused
-// backward with the data in L3 (bench shape at N = 2): 0.243 -> 0.209 ms; cold, the in-process
-// comparisons at the bench shape ranged from 13 % faster to 7 % slower (README).
-template <int EDGE>
-__attribute__((noinline)) void gw3_block(const float* const* x, const float* gr, int64_t C,
-                                         float* part, float* bp) {
-  constexpr int K = 3, P = kGwBlock;
-  __m512 gv[P];
+// grad_input rows t (o0) and t + 1 (o1, when TWO) at output pixels [ow, ow + P) of one channel
+// block: gr[r] is grad_output row t - 1 + r at the channel block (nullptr outside the image),
+// iw0 = ow - pw its first column, w the flipped taps. Each grad_output row is loaded once and
+// applied to both output rows. Per output vector the FMAs run in corr_block's order (kernel
+// rows, then columns, from zero), so the bits are the grad_input op's.
+template <int P, bool TWO, bool INTERIOR, bool NT>
+__attribute__((noinline)) void corr3_rows2(const float* const* gr, int64_t W, int64_t C,
+                                           int64_t iw0, const float* w, float* o0, float* o1) {
+  __m512 a0[P], a1[P];
 #pragma GCC unroll 8
-  for (int p = 0; p < P; ++p) gv[p] = walk_load(gr, C);
-#pragma GCC unroll 3
-  for (int kh = 0; kh < K; ++kh) {
-    const float* r = x[kh];
-    __m512 xv[P + K - 1];
+  for (int p = 0; p < P; ++p) a0[p] = a1[p] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int r = 0; r < (TWO ? 4 : 3); ++r) {
+    const float* row = gr[r];
+    if (row == nullptr) continue;
+    __m512 xv[P + 2];
 #pragma GCC unroll 10
-    for (int q = 0; q < P + K - 1; ++q)
-      xv[q] = (EDGE == 1 && q == 0) || (EDGE == 2 && q == P + K - 2) ? _mm512_setzero_ps()
-                                                                      : walk_load(r, C);
-    __m512 acc[2][K];
-#pragma GCC unroll 3
-    for (int kw = 0; kw < K; ++kw) {
-      acc[0][kw] = _mm512_loadu_ps(part + (kh * K + kw) * 16);
-      acc[1][kw] = _mm512_setzero_ps();
+    for (int q = 0; q < P + 2; ++q) {
+      const int64_t iw = iw0 + q;
+      xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(row + iw * C)
+                                                 : _mm512_setzero_ps();
     }
+#pragma GCC unroll 3
+    for (int kw = 0; kw < 3; ++kw) {
+      if (r <= 2) {  // kernel row r of output row t
+        const __m512 wv = _mm512_loadu_ps(w + (r * 3 + kw) * C);
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p)
-#pragma GCC unroll 3
-      for (int kw = 0; kw < K; ++kw)
-        acc[p % 2][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[p % 2][kw]);
-#pragma GCC unroll 3
-    for (int kw = 0; kw < K; ++kw)
-      _mm512_storeu_ps(part + (kh * K + kw) * 16, _mm512_add_ps(acc[0][kw], acc[1][kw]));
+        for (int p = 0; p < P; ++p) a0[p] = _mm512_fmadd_ps(xv[p + kw], wv, a0[p]);
+      }
+      if (TWO && r >= 1) {  // kernel row r - 1 of output row t + 1
+        const __m512 wv = _mm512_loadu_ps(w + ((r - 1) * 3 + kw) * C);
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) a1[p] = _mm512_fmadd_ps(xv[p + kw], wv, a1[p]);
+      }
+    }
   }
-  if (bp) {
-    __m512 sb = _mm512_loadu_ps(bp);
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) sb = _mm512_add_ps(sb, gv[p]);
-    _mm512_storeu_ps(bp, sb);
+  for (int p = 0; p < P; ++p) {
+    if (NT)
+      _mm512_stream_ps(o0 + p * C, a0[p]);
+    else
+      _mm512_storeu_ps(o0 + p * C, a0[p]);
+    if (TWO) {
+      if (NT)
+        _mm512_stream_ps(o1 + p * C, a1[p]);
+      else
+        _mm512_storeu_ps(o1 + p * C, a1[p]);
+    }
   }
 }
 
-// 3x3, one row t of the grad_weight sums (and, with GI, of grad_input and the bias sums), pixel
-// block by pixel block with all channel blocks of a pixel block before the next: the rows are
-// then read in memory order, 8 pixels * C channels at a time, rather than in C / 16 passes
-// with a 64-byte line every C * 4 bytes. Same process, cold inputs, bench shape (fused
-// backward): 1.050 -> 0.884 ms median over 16 interleaved rounds. 5x5 and 7x7 lost (2.2 ->
-// 3.1 ms for 7x7: their per-block work is longer, and the tap sums go through memory once per
-// block) and keep the channel-block passes of gw_rows / corr_row_block.
-// xrows[kh]: input row t - ph + kh at channel 0 (nullptr outside the image); grow: grad_output
-// row t; grows[kh]: grad_output rows for grad_input (gg's geometry); girow: grad_input row t.
-// part[c0 / 16][kh][kw][16]: the chunk's tap sums; per block and kernel row the even and odd
-// pixels go to two sets of sums, added into part at the end of the block (grad_weight_rows
-// runs this same code for 3x3, so the fused backward and the grad_weight op give the same
-// bits). bp: the chunk's bias sums or nullptr.
-template <bool GI, bool NT>
-void pm3_row(const float* const* xrows, const float* grow, const float* const* grows,
-             const Geometry& g, const Geometry& gg, const float* wflip, float* girow,
-             float* part, float* bp, const Trickle& next) {
-  constexpr int K = 3, S = 2;
-  const int64_t C = g.C, nblk = g.OW / kGwBlock, ncb = C / 16;
-  for (int64_t b = 0; b < nblk; ++b) {
-    const int64_t ow = b * kGwBlock, iw0 = ow - gg.pw;
-    const bool gi_interior = iw0 >= 0 && iw0 + kGwBlock + K - 1 <= gg.W;
-    // gw3_block's cases: every column inside the image (0), or all but the first (1: the
-    // block's first column is -1) or all but the last (2: its last column is W)
-    const int64_t ix0 = ow - g.pw, ix1 = ix0 + kGwBlock + K - 1;
-    const int gw_edge = ix0 >= 0 && ix1 <= g.W ? 0 : ix0 == -1 && ix1 <= g.W ? 1
-                        : ix0 >= 0 && ix1 == g.W + 1 ? 2 : -1;
-    const bool gw_fast = xrows[0] && xrows[1] && xrows[2] && gw_edge >= 0;
+// The grad_weight tap sums part[kh][kw][16] (and the bias sums bp[16] unless nullptr) of
+// grad_output rows t (g0) and t + 1 (g1, when TWO) at pixels [ow, ow + P) of one channel block:
+// x4[r] is input row t - ph + r at the channel block (nullptr outside the image), ix0 = ow - pw
+// the first column read. The nine sums stay in registers for the block, one chain each, in
+// sub-blocks of 4 pixels (9 sums + 8 grad_output + 6 input vectors: two sets of sums, which the
+// one-row kernel used against the FMA latency, do not fit; each sum's 16 FMAs per block are
+// spread over the sub-blocks' other chains). Columns outside the image read as zeros.
+template <int P, bool TWO, bool INTERIOR>
+__attribute__((noinline)) void gw3_rows2(const float* const* x4, const float* g0,
+                                         const float* g1, int64_t W, int64_t C, int64_t ix0,
+                                         float* part, float* bp) {
+  constexpr int Q = P < 4 ? P : 4;
+  __m512 acc[9];
+#pragma GCC unroll 9
+  for (int i = 0; i < 9; ++i) acc[i] = _mm512_loadu_ps(part + i * 16);
+  __m512 sb = bp ? _mm512_loadu_ps(bp) : _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int h = 0; h < P; h += Q) {
+    __m512 gv0[Q], gv1[Q];
+#pragma GCC unroll 4
+    for (int p = 0; p < Q; ++p) {
+      gv0[p] = _mm512_loadu_ps(g0 + (h + p) * C);
+      gv1[p] = TWO ? _mm512_loadu_ps(g1 + (h + p) * C) : _mm512_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < (TWO ? 4 : 3); ++r) {
+      const float* row = x4[r];
+      if (row == nullptr) continue;
+      __m512 xv[Q + 2];
+#pragma GCC unroll 6
+      for (int q = 0; q < Q + 2; ++q) {
+        const int64_t col = ix0 + h + q;
+        xv[q] = (INTERIOR || (col >= 0 && col < W)) ? _mm512_loadu_ps(row + col * C)
+                                                     : _mm512_setzero_ps();
+        // opaque to the optimiser: GCC would otherwise re-read each vector from memory for
+        // every FMA that uses it
+        asm("" : "+v"(xv[q]));
+      }
+      if (r <= 2) {  // kernel row r of output row t
+#pragma GCC unroll 4
+        for (int p = 0; p < Q; ++p)
+#pragma GCC unroll 3
+          for (int kw = 0; kw < 3; ++kw)
+            acc[r * 3 + kw] = _mm512_fmadd_ps(gv0[p], xv[p + kw], acc[r * 3 + kw]);
+      }
+      if (TWO && r >= 1) {  // kernel row r - 1 of output row t + 1
+#pragma GCC unroll 4
+        for (int p = 0; p < Q; ++p)
+#pragma GCC unroll 3
+          for (int kw = 0; kw < 3; ++kw)
+            acc[(r - 1) * 3 + kw] = _mm512_fmadd_ps(gv1[p], xv[p + kw], acc[(r - 1) * 3 + kw]);
+      }
+    }
+    if (bp) {
+#pragma GCC unroll 4
+      for (int p = 0; p < Q; ++p) sb = _mm512_add_ps(sb, gv0[p]);
+      if (TWO) {
+#pragma GCC unroll 4
+        for (int p = 0; p < Q; ++p) sb = _mm512_add_ps(sb, gv1[p]);
+      }
+    }
+  }
+#pragma GCC unroll 9
+  for (int i = 0; i < 9; ++i) _mm512_storeu_ps(part + i * 16, acc[i]);
+  if (bp) _mm512_storeu_ps(bp, sb);
+}
+
+// The rows of one task (see above) at the blocks of P pixels that fit in [ow, OW), advancing ow.
+// xrows[r]: input row t - ph + r at channel 0; grows[r]: grad_output row t - (K - 1 - ph) + r
+// (GI only); go0 / go1: grad_output rows t / t + 1; gi0 / gi1: grad_input rows t / t + 1.
+struct Rows3 {
+  const float* xrows[4];
+  const float* grows[4];
+  const float* go0;
+  const float* go1;
+  float* gi0;
+  float* gi1;
+};
+
+template <int P, bool TWO, bool GI, bool NT>
+inline void rows3_blocks(const Rows3& rw, const Geometry& g, const Geometry& gg,
+                         const float* wflip, float* part, float* bp, int64_t& ow,
+                         const Trickle& next, int64_t slices) {
+  const int64_t C = g.C, ncb = C / 16;
+  for (; ow + P <= g.OW; ow += P) {
+    const int64_t ix0 = ow - g.pw, iw0 = ow - gg.pw;
+    const bool gw_interior = ix0 >= 0 && ix0 + P + 2 <= g.W;
+    const bool gi_interior = iw0 >= 0 && iw0 + P + 2 <= gg.W;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
-      next.part(b * ncb + c0 / 16, nblk * ncb);
-      if (gw_fast) {
-        const int64_t col = std::max<int64_t>(ix0, 0);  // the first column read
-        const float* xr[K] = {xrows[0] + col * C + c0, xrows[1] + col * C + c0,
-                              xrows[2] + col * C + c0};
-        const float* go_b = grow + ow * C + c0;
-        float* pt = part + c0 * K * K;
-        float* bc = bp ? bp + c0 : nullptr;
-        if (gw_edge == 0)
-          gw3_block<0>(xr, go_b, C, pt, bc);
-        else if (gw_edge == 1)
-          gw3_block<1>(xr, go_b, C, pt, bc);
-        else
-          gw3_block<2>(xr, go_b, C, pt, bc);
-      } else {
-        for (int kh = 0; kh < K; ++kh)
-          if (xrows[kh] != nullptr)
-            gw_block_range<K, S>(xrows[kh] + c0, grow + c0, g.W, C, g.pw, b, b + 1,
-                                 part + c0 * K * K + kh * K * 16);
-        if (bp) bias_sums(bp, grow, C, c0, ow, ow + kGwBlock);
-      }
+      const int64_t slice = ow / 8 * ncb + c0 / 16;  // P == 8 only
       if (GI) {
-        const float* r[K];
-        for (int kh = 0; kh < K; ++kh) r[kh] = grows[kh] ? grows[kh] + c0 : nullptr;
-        float* o = girow + ow * C + c0;
+        if (P == 8) next.part(2 * slice, 2 * slices);
+        const float* r[4];
+        for (int k = 0; k < 4; ++k) r[k] = rw.grows[k] ? rw.grows[k] + c0 : nullptr;
+        float* o0 = rw.gi0 + ow * C + c0;
+        float* o1 = TWO ? rw.gi1 + ow * C + c0 : nullptr;
         if (gi_interior)
-          corr_block<K, kGwBlock, true, NT>(r, gg.W, C, iw0, wflip + c0, _mm512_setzero_ps(), o);
+          corr3_rows2<P, TWO, true, NT>(r, gg.W, C, iw0, wflip + c0, o0, o1);
         else
-          corr_block<K, kGwBlock, false, NT>(r, gg.W, C, iw0, wflip + c0, _mm512_setzero_ps(), o);
+          corr3_rows2<P, TWO, false, NT>(r, gg.W, C, iw0, wflip + c0, o0, o1);
       }
+      if (P == 8) {
+        if (GI)
+          next.part(2 * slice + 1, 2 * slices);
+        else
+          next.part(slice, slices);
+      }
+      const float* xr[4];
+      for (int k = 0; k < 4; ++k) xr[k] = rw.xrows[k] ? rw.xrows[k] + c0 : nullptr;
+      const float* g0 = rw.go0 + ow * C + c0;
+      const float* g1 = TWO ? rw.go1 + ow * C + c0 : nullptr;
+      float* pt = part + c0 * 9;
+      float* bc = bp ? bp + c0 : nullptr;
+      if (gw_interior)
+        gw3_rows2<P, TWO, true>(xr, g0, g1, g.W, C, ix0, pt, bc);
+      else
+        gw3_rows2<P, TWO, false>(xr, g0, g1, g.W, C, ix0, pt, bc);
     }
   }
-  const int64_t ow0 = nblk * kGwBlock;  // the last OW % 8 pixels, one by one
-  if (ow0 == g.OW) return;
-  for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    for (int kh = 0; kh < K; ++kh)
-      if (xrows[kh] != nullptr)
-        gw_pixels<K>(xrows[kh] + c0, grow + c0, g.W, C, g.pw, ow0, g.OW,
-                     part + c0 * K * K + kh * K * 16);
-    if (bp) bias_sums(bp, grow, C, c0, ow0, g.OW);
-    if (GI) {
-      const float* r[K];
-      for (int kh = 0; kh < K; ++kh) r[kh] = grows[kh] ? grows[kh] + c0 : nullptr;
-      int64_t ow = ow0;
-      corr_blocks<K, 4, NT>(r, gg, wflip + c0, _mm512_setzero_ps(), girow + c0, ow, Trickle(), 0,
-                            0);
-      corr_blocks<K, 1, NT>(r, gg, wflip + c0, _mm512_setzero_ps(), girow + c0, ow, Trickle(), 0,
-                            0);
-    }
-  }
+}
+
+// All pixels of one task: blocks of 8, then 4, then single pixels.
+template <bool TWO, bool GI, bool NT>
+void rows3(const Rows3& rw, const Geometry& g, const Geometry& gg, const float* wflip,
+           float* part, float* bp, const Trickle& next) {
+  const int64_t slices = std::max<int64_t>(g.OW / 8, 1) * (g.C / 16);
+  int64_t ow = 0;
+  rows3_blocks<8, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
+  rows3_blocks<4, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
+  rows3_blocks<1, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
 }
 
 // Fixed number of row chunks for the deterministic grad_weight reduction.
 constexpr int64_t kChunks = 32;
 
-template <int K>
-void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, const Geometry& g) {
-  const int64_t C = g.C, R = N * g.OH, T = std::min<int64_t>(kChunks, R);
-  // partial[chunk][cb][kh][kw][16]
+// Splits the R output rows into min(kChunks, R) chunks (a fixed split, independent of the thread
+// count), runs body(r0, r1, last, part, bp) for each chunk's rows [r0, r1) in parallel (last:
+// where the calling thread's rows end; part: the chunk's zeroed [C / 16][K][K][16] tap sums; bp:
+// its zeroed bias sums, or nullptr without gb), then adds the chunks in chunk order into gw (and
+// gb): the same bits for any number of threads.
+template <int K, typename Body>
+void chunked_sums(int64_t R, int64_t C, float* gw, float* gb, const Body& body) {
+  const int64_t T = std::min<int64_t>(kChunks, R);
   std::vector<float> partial(static_cast<size_t>(T * C * K * K));
+  std::vector<float> bias_part(gb ? static_cast<size_t>(T * C) : 0);
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    const int64_t last = end * R / T;  // this thread's rows end here
+    const int64_t last = end * R / T;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* part = partial.data() + chunk * C * K * K;
       std::fill(part, part + C * K * K, 0.f);
-      for (int64_t t = chunk * R / T; t < (chunk + 1) * R / T; ++t) {
+      float* bp = gb ? bias_part.data() + chunk * C : nullptr;
+      if (bp) std::fill(bp, bp + C, 0.f);
+      body(chunk * R / T, (chunk + 1) * R / T, last, part, bp);
+    }
+  });
+  reduce_chunks<K>(partial, T, C, gw);
+  if (gb) {
+    for (int64_t c = 0; c < C; ++c) {
+      float sum = 0.f;
+      for (int64_t chunk = 0; chunk < T; ++chunk) sum += bias_part[chunk * C + c];
+      gb[c] = sum;
+    }
+  }
+}
+
+// 3x3: the grad_weight (and bias) sums, and with GI grad_input too ('same' padding: OH == H and
+// OW == W, so grad_input row t is image row t). The tasks are pairs of rows within a chunk and
+// an image; the grad_weight op (GI false) walks the same pairs with the same code, so it gives
+// the fused backward's bits.
+template <bool GI, bool NT>
+void backward3(const float* x, const float* go, const float* wflip, float* gi, float* gw,
+               float* gb, int64_t N, const Geometry& g) {
+  constexpr int K = 3;
+  const int64_t C = g.C;
+  const Geometry gg{g.OH, g.OW, C, g.H, g.W, K - 1 - g.ph, K - 1 - g.pw};  // grad_input's
+  chunked_sums<K>(N * g.OH, C, gw, gb, [&](int64_t r0, int64_t r1, int64_t last, float* part,
+                                           float* bp) {
+    for (int64_t t = r0; t < r1;) {
+      const int64_t n = t / g.OH, oh = t % g.OH;
+      const bool two = t + 1 < r1 && oh + 1 < g.OH;
+      const int64_t rows = two ? 2 : 1;
+      // the rows the next task (up to two rows) reads that this one does not
+      Trickle next;
+      const int64_t tn = t + rows;
+      if (tn < last) {
+        const int64_t m = tn / g.OH, p0 = tn % g.OH, p1 = std::min<int64_t>(p0 + 2, g.OH);
+        add_next_rows(next, x, g.H, g.W * C, K, g.ph, n, oh + rows, m, p0, p1);
+        if (GI)
+          add_next_rows(next, go, g.OH, g.OW * C, K, gg.ph, n, oh + rows, m, p0, p1);
+        else
+          next.add(go + tn * g.OW * C, (p1 - p0) * g.OW * C);
+      }
+      Rows3 rw;
+      for (int r = 0; r < 4; ++r) {
+        rw.xrows[r] = image_row(x, g, n, oh - g.ph + r);
+        rw.grows[r] = GI ? image_row(go, gg, n, oh - gg.ph + r) : nullptr;
+      }
+      rw.go0 = go + t * g.OW * C;
+      rw.go1 = two ? rw.go0 + g.OW * C : nullptr;
+      rw.gi0 = GI ? gi + t * g.W * C : nullptr;
+      rw.gi1 = GI && two ? rw.gi0 + g.W * C : nullptr;
+      if (two)
+        rows3<true, GI, NT>(rw, g, gg, wflip, part, bp, next);
+      else
+        rows3<false, GI, NT>(rw, g, gg, wflip, part, bp, next);
+      t += rows;
+    }
+    if (NT) nt_fence();
+  });
+}
+
+template <int K>
+void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, const Geometry& g) {
+  if constexpr (K == 3) {
+    backward3<false, false>(x, go, nullptr, nullptr, gw, nullptr, N, g);
+  } else {
+    const int64_t C = g.C, R = N * g.OH;
+    chunked_sums<K>(R, C, gw, nullptr, [&](int64_t r0, int64_t r1, int64_t last, float* part,
+                                           float*) {
+      for (int64_t t = r0; t < r1; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
         // the next row's new input row (or a new image's first rows) and grad_output row
         Trickle next;
@@ -494,11 +628,6 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
         }
         const float* xrows[K];  // the kernel rows inside the image
         for (int kh = 0; kh < K; ++kh) xrows[kh] = image_row(x, g, n, oh - g.ph + kh);
-        if constexpr (K == 3) {
-          pm3_row<false, false>(xrows, go + t * g.OW * C, nullptr, g, g, nullptr, nullptr, part,
-                                nullptr, next);
-          continue;
-        }
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
           next.part(c0 / 16, C / 16);
           const float* xr[K];
@@ -506,9 +635,8 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
           gw_rows<K>(xr, go + t * g.OW * C + c0, g, part + c0 * K * K);
         }
       }
-    }
-  });
-  reduce_chunks<K>(partial, T, C, gw);
+    });
+  }
 }
 
 // Fused backward for 'same' padding (OH == H, OW == W, so grad_input row t and grad_output row t
@@ -518,23 +646,19 @@ void grad_weight_rows(const float* x, const float* go, float* gw, int64_t N, con
 // flipped kernel). The rows both need stay in L1/L2 between the two, so DRAM sees x and
 // grad_output once each instead of grad_output twice. Chunks and summation order are those of
 // grad_weight_rows, and grad_input rows are computed by the same code as the correlation's rows:
-// the results are bit-identical to the two separate kernels.
+// the results are bit-identical to the two separate kernels. 3x3 takes backward3.
 template <int K, bool NT>
 void backward_rows(const float* x, const float* go, const float* wflip, float* gi, float* gw,
                    float* gb, int64_t N, const Geometry& g) {
-  const int64_t C = g.C, R = N * g.OH, T = std::min<int64_t>(kChunks, R);
-  const Geometry gg{g.OH, g.OW, C, g.H, g.W, K - 1 - g.ph, K - 1 - g.pw};  // grad_input's
-  std::vector<float> partial(static_cast<size_t>(T * C * K * K));
-  std::vector<float> bias_part(gb ? static_cast<size_t>(T * C) : 0);
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    const float* grows[K];
-    const int64_t last = end * R / T;  // this thread's rows end here
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* part = partial.data() + chunk * C * K * K;
-      std::fill(part, part + C * K * K, 0.f);
-      float* bp = gb ? bias_part.data() + chunk * C : nullptr;
-      if (bp) std::fill(bp, bp + C, 0.f);
-      for (int64_t t = chunk * R / T; t < (chunk + 1) * R / T; ++t) {
+  if constexpr (K == 3) {
+    backward3<true, NT>(x, go, wflip, gi, gw, gb, N, g);
+  } else {
+    const int64_t C = g.C;
+    const Geometry gg{g.OH, g.OW, C, g.H, g.W, K - 1 - g.ph, K - 1 - g.pw};  // grad_input's
+    chunked_sums<K>(N * g.OH, C, gw, gb, [&](int64_t r0, int64_t r1, int64_t last, float* part,
+                                             float* bp) {
+      const float* grows[K];
+      for (int64_t t = r0; t < r1; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
         for (int kh = 0; kh < K; ++kh) grows[kh] = image_row(go, gg, n, oh - gg.ph + kh);
         // the next row reads one new input row and one new grad_output row
@@ -547,10 +671,6 @@ void backward_rows(const float* x, const float* go, const float* wflip, float* g
         const float* grow = go + t * g.OW * C;
         const float* xrows[K];
         for (int kh = 0; kh < K; ++kh) xrows[kh] = image_row(x, g, n, oh - g.ph + kh);
-        if constexpr (K == 3) {
-          pm3_row<true, NT>(xrows, grow, grows, g, gg, wflip, gi + t * g.W * C, part, bp, next);
-          continue;
-        }
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
           const float* xr[K];
           for (int kh = 0; kh < K; ++kh) xr[kh] = xrows[kh] ? xrows[kh] + c0 : nullptr;
@@ -559,16 +679,8 @@ void backward_rows(const float* x, const float* go, const float* wflip, float* g
           corr_row_block<K, NT>(grows, gg, wflip, nullptr, gi + t * g.W * C, next, c0);
         }
       }
-    }
-    if (NT) nt_fence();
-  });
-  reduce_chunks<K>(partial, T, C, gw);
-  if (gb) {
-    for (int64_t c = 0; c < C; ++c) {
-      float sum = 0.f;
-      for (int64_t chunk = 0; chunk < T; ++chunk) sum += bias_part[chunk * C + c];
-      gb[c] = sum;
-    }
+      if (NT) nt_fence();
+    });
   }
 }
 
