@@ -133,7 +133,7 @@ inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std:
 
 // Prefetches [b, b + bytes) a few lines per next() call, spread evenly over `steps` calls: a
 // kernel calls it once per inner iteration so the requests trickle out alongside its FMAs
-// instead of queueing up behind each other in one burst.
+// instead of queueing up behind each other in one burst. Into L1, like prefetch_slice.
 struct PrefetchStream {
   const char* p = nullptr;
   const char* end = nullptr;
@@ -144,7 +144,7 @@ struct PrefetchStream {
   void next() {
     const char* e = std::min(end, p + per);
     for (; p < e; p += 64) {
-      __builtin_prefetch(p, 0, 2);
+      __builtin_prefetch(p, 0, 3);
       asm volatile("");
     }
   }
