@@ -17,9 +17,11 @@ backward), on one device:
    kernel names on a GPU), cross-checked with torch's own dispatch rule for convolutions
    (torch._C._select_conv_backend, which convolution_backward uses too).
 3. timing: on CUDA with CUDA events after warm-up (torch.backends.cudnn.benchmark=True, the
-   TF32 setting applied to both sides); on CPU with torch.utils.benchmark.Timer
-   (blocked_autorange) at --threads threads. Inputs are rotated among enough copies to exceed
-   the last-level cache (GPU L2, CPU L3), so no side is timed on cache-hot data. Forward runs
+   TF32 setting applied to both sides); on CPU with torch.utils.benchmark.Timer at --threads
+   threads, torch and every fastconv implementation of a case interleaved (one sample of each
+   per round, the order reversed every other round), so that both sides of a ratio see the
+   same stretches of a shared machine. Inputs are rotated among enough copies to exceed the
+   last-level cache (GPU L2, CPU L3), so no side is timed on cache-hot data. Forward runs
    under torch.no_grad() on both sides; forward + backward calls .backward(grad) on both.
    Median and IQR over --repeat samples (at least), each sample averaging several calls.
    On CPU each measurement also records the process's minor page faults and system time per
@@ -472,6 +474,68 @@ def _time_cpu(step, s, counts=None):
     return times, m.number_per_run
 
 
+def _time_cpu_interleaved(steps, s):
+    """Times several steps (torch's, then fastconv's) together. Each is calibrated on its own
+    (blocked_autorange picks its calls per sample and warms it up; those samples are dropped);
+    then the samples, each a plain loop of that many calls at --threads threads, are taken in
+    rounds, one of each step per round, the order reversed every other round, until every step
+    has --repeat samples and --min-time of calls, or one has spent --max-time (with at least 3
+    samples each). On a shared host the memory bandwidth can halve and recover within seconds:
+    timed one after the other, the two sides of a ratio can land in different stretches (a
+    memory-bound kernel once timed 1.05x against torch while the same kernel under another
+    name timed 2.15x in the same run); interleaved, they see the same ones. Returns, per step,
+    (samples in seconds per call, calls per sample, counts), counts as in _time_cpu."""
+    import torch
+    from torch.utils.benchmark import Timer
+
+    n = len(steps)
+    number = [Timer(stmt="step()", globals={"step": step}, num_threads=s["threads"])
+              .blocked_autorange(min_run_time=min(s["min_time"], 0.05)).number_per_run
+              for step in steps]
+    times = [[] for _ in range(n)]
+    faults = [0.0] * n
+    stime = [0.0] * n
+    timed_calls = [0] * n
+
+    def spent(i):
+        return sum(times[i]) * number[i]
+
+    def done():
+        if all(len(times[i]) >= s["repeat"] and spent(i) >= s["min_time"] for i in range(n)):
+            return True
+        return (all(len(t) >= 3 for t in times) and
+                any(spent(i) >= s["max_time"] for i in range(n)))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s["threads"])
+    try:
+        rnd = 0
+        while not done():
+            for i in (range(n) if rnd % 2 == 0 else range(n - 1, -1, -1)):
+                step, k = steps[i], number[i]
+                r0 = _rusage()
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    step()
+                times[i].append((time.perf_counter() - t0) / k)
+                r1 = _rusage()
+                timed_calls[i] += k
+                if r0 is not None:
+                    faults[i] += r1.ru_minflt - r0.ru_minflt
+                    stime[i] += r1.ru_stime - r0.ru_stime
+            rnd += 1
+    finally:
+        torch.set_num_threads(threads)
+    out = []
+    for i in range(n):
+        counts = {}
+        if _rusage() is not None:
+            counts = {"page_faults_per_call": faults[i] / timed_calls[i],
+                      "sys_ms_per_call": stime[i] * 1e3 / timed_calls[i]}
+        out.append((times[i], number[i], counts))
+    return out
+
+
 def _time_cuda(step, s):
     import torch
 
@@ -917,29 +981,12 @@ def _bench_case(case, direction, s, yard, log):
     t_check = time.perf_counter() - t0
 
     sets += [_InputSet(case, s, channels_last, direction, seed=i) for i in range(1, n_sets)]
-    if trec["status"] == "OK":
-        try:
-            tstep = _make_step(torch_fn, sets, direction)
-            # the profiled call also warms up the timer's first measurement
-            trec.update(_torch_backend(case, tstep, sets[0], s, direction))
-            counts = {}
-            times, per = _time(tstep, s, counts)
-            trec.update(_stats(times), calls_per_sample=per, **counts)
-            trec.update(_rates(rec, trec["median_ms"], yard))
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: no speedups for the case
-            trec.update(status="ERROR", error=_first_line(e))
+    if s["device"].type == "cpu":
+        _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case)
+    else:
+        _time_case_sequential(rec, trec, frecs, torch_fn, sets, direction, s, yard, case)
     log(f"    torch      {_fmt_ms(trec)}  [{trec.get('backend', trec['error'])}]")
     for fr, fn in frecs:
-        if fr["status"] == "OK":
-            try:
-                counts = {}
-                times, per = _time(_make_step(fn, sets, direction), s, counts)
-                fr.update(_stats(times), calls_per_sample=per, **counts)
-                fr.update(_rates(rec, fr["median_ms"], yard))
-                if trec.get("median_ms"):
-                    fr["speedup"] = trec["median_ms"] / fr["median_ms"]
-            except Exception as e:  # noqa: BLE001
-                fr.update(status="ERROR", error=_first_line(e))
         if fr["status"] == "OK":
             sp = f"  {fr['speedup']:.2f}x" if fr.get("speedup") else ""
             log(f"    {fr['impl']:<10} {_fmt_ms(fr)}{sp}")
@@ -952,6 +999,60 @@ def _bench_case(case, direction, s, yard, log):
     if s["device"].type == "cuda":
         torch.cuda.empty_cache()
     return rec
+
+
+def _time_case_sequential(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
+    """torch's timing, then each fastconv implementation's (CUDA)."""
+    if trec["status"] == "OK":
+        try:
+            tstep = _make_step(torch_fn, sets, direction)
+            # the profiled call also warms up the timer's first measurement
+            trec.update(_torch_backend(case, tstep, sets[0], s, direction))
+            counts = {}
+            times, per = _time(tstep, s, counts)
+            trec.update(_stats(times), calls_per_sample=per, **counts)
+            trec.update(_rates(rec, trec["median_ms"], yard))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: no speedups for the case
+            trec.update(status="ERROR", error=_first_line(e))
+    for fr, fn in frecs:
+        if fr["status"] == "OK":
+            try:
+                counts = {}
+                times, per = _time(_make_step(fn, sets, direction), s, counts)
+                fr.update(_stats(times), calls_per_sample=per, **counts)
+                fr.update(_rates(rec, fr["median_ms"], yard))
+                if trec.get("median_ms"):
+                    fr["speedup"] = trec["median_ms"] / fr["median_ms"]
+            except Exception as e:  # noqa: BLE001
+                fr.update(status="ERROR", error=_first_line(e))
+
+
+def _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
+    """torch and every fastconv implementation timed together, interleaved
+    (_time_cpu_interleaved)."""
+    parts = []  # (record, step)
+    if trec["status"] == "OK":
+        try:
+            tstep = _make_step(torch_fn, sets, direction)
+            trec.update(_torch_backend(case, tstep, sets[0], s, direction))
+            parts.append((trec, tstep))
+        except Exception as e:  # noqa: BLE001
+            trec.update(status="ERROR", error=_first_line(e))
+    parts += [(fr, _make_step(fn, sets, direction)) for fr, fn in frecs if fr["status"] == "OK"]
+    if not parts:
+        return
+    try:
+        results = _time_cpu_interleaved([step for _, step in parts], s)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: no times for the case
+        for r, _ in parts:
+            r.update(status="ERROR", error=_first_line(e))
+        return
+    for (r, _), (times, per, counts) in zip(parts, results):
+        r.update(_stats(times), calls_per_sample=per, **counts)
+        r.update(_rates(rec, r["median_ms"], yard))
+    if trec.get("median_ms"):  # then torch's is parts[0]
+        for fr, _ in parts[1:]:
+            fr["speedup"] = trec["median_ms"] / fr["median_ms"]
 
 
 def _fmt_ms(r):
@@ -1152,8 +1253,10 @@ def run(args) -> int:
         "tf32": s["tf32"], "threads": s["threads"], "repeat": s["repeat"],
         "min_time_s": s["min_time"], "max_time_s": s["max_time"], "batch": s["batch"],
         "malloc": s["malloc"],
-        "timer": ("CUDA events, after warm-up" if s["device"].type == "cuda" else
-                  "torch.utils.benchmark.Timer.blocked_autorange"),
+        "timer": ("CUDA events, after warm-up; torch, then each fastconv implementation"
+                  if s["device"].type == "cuda" else
+                  "torch.utils.benchmark.Timer, torch and fastconv interleaved: one sample of "
+                  "each per round, the order reversed every other round"),
         "correctness_tolerance": f"{TOL_FACTOR:g} * (eps_acc * sqrt(reduction) + eps) * rms(ref) "
                                  f"+ 2 eps |ref|, >= 2x torch's own error; ref = torch in float32, TF32 off",
     }

@@ -542,3 +542,72 @@ def test_cuda_timing_loop(monkeypatch, call_s):
     assert inner >= 1 and inner * statistics.median(times) >= 0.9e-3
     assert all(t >= call_s * 0.99 for t in times)
     assert statistics.median(times) < 10 * call_s
+
+
+def _busy(seconds):
+    import time
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_cpu_timing_interleaves_the_sides():
+    """CPU timing takes one sample of each side per round, the order reversed every other
+    round, after each side's own calibration; every side gets --repeat samples."""
+    log = []
+
+    def step(name):
+        def f():
+            log.append(name)
+            _busy(2e-4)
+        return f
+
+    s = {"repeat": 6, "min_time": 0.01, "max_time": 1.0, "threads": 1}
+    results = benchmark._time_cpu_interleaved([step("a"), step("b")], s)
+    assert [len(times) >= 6 for times, _, _ in results] == [True, True]
+    number = [per for _, per, _ in results]
+    # the timed rounds are the log's tail: blocks of `number` calls, a b | b a | a b ...
+    rounds = min(len(results[0][0]), len(results[1][0]))
+    blocks = []
+    i = len(log)
+    for k in range(2 * rounds):
+        name = log[i - 1]
+        n = number[0 if name == "a" else 1]
+        assert log[i - n:i] == [name] * n
+        blocks.append(name)
+        i -= n
+    blocks.reverse()
+    assert blocks[:4] == ["a", "b", "b", "a"]
+    assert all(blocks[j] != blocks[j + 1] for j in range(0, len(blocks) - 1, 2))
+
+
+def test_cpu_timing_is_fair_when_the_machine_slows_down():
+    """Two identical steps on a machine that turns 3x slower halfway through: timed one after
+    the other, the first would look 3x faster; interleaved, both see the same stretches."""
+    import time
+    t0 = time.perf_counter()
+
+    def step():
+        _busy(1e-3 if time.perf_counter() - t0 < 0.15 else 3e-3)
+
+    s = {"repeat": 40, "min_time": 0.05, "max_time": 2.0, "threads": 1}
+    (ta, _, _), (tb, _, _) = benchmark._time_cpu_interleaved([step, step], s)
+    ratio = statistics.median(ta) / statistics.median(tb)
+    assert 0.7 < ratio < 1.4
+    assert max(ta) > 2e-3 and max(tb) > 2e-3  # both saw the slow stretch
+
+
+def test_cpu_timing_stops_at_max_time():
+    """A slow side stops the rounds at --max-time, with at least 3 samples each; the counts
+    are per call."""
+    import time
+
+    s = {"repeat": 50, "min_time": 0.05, "max_time": 0.2, "threads": 1}
+    t0 = time.perf_counter()
+    results = benchmark._time_cpu_interleaved([lambda: _busy(5e-2), lambda: _busy(1e-3)], s)
+    assert time.perf_counter() - t0 < 2.0
+    (ts, ns, cs), (tf, nf, cf) = results
+    assert 3 <= len(ts) < 50 and len(tf) == len(ts)
+    assert statistics.median(ts) == pytest.approx(5e-2, rel=0.3)
+    assert statistics.median(tf) == pytest.approx(1e-3, rel=0.5)
+    assert set(cs) == {"page_faults_per_call", "sys_ms_per_call"}
