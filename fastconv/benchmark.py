@@ -484,27 +484,32 @@ def _time_cpu_interleaved(steps, s):
     timed one after the other, the two sides of a ratio can land in different stretches (a
     memory-bound kernel once timed 1.05x against torch while the same kernel under another
     name timed 2.15x in the same run); interleaved, they see the same ones. Returns, per step,
-    (samples in seconds per call, calls per sample, counts), counts as in _time_cpu."""
+    (samples in seconds per call, calls per sample, counts), counts as in _time_cpu, or the
+    exception it raised (it then leaves the rounds; the others go on)."""
     import torch
     from torch.utils.benchmark import Timer
 
     n = len(steps)
-    number = [Timer(stmt="step()", globals={"step": step}, num_threads=s["threads"])
-              .blocked_autorange(min_run_time=min(s["min_time"], 0.05)).number_per_run
-              for step in steps]
+    number, failed = [1] * n, [None] * n
+    for i, step in enumerate(steps):
+        try:
+            timer = Timer(stmt="step()", globals={"step": step}, num_threads=s["threads"])
+            number[i] = timer.blocked_autorange(min_run_time=min(s["min_time"], 0.05)).number_per_run
+        except Exception as e:  # noqa: BLE001 - reported for this step alone
+            failed[i] = e
     times = [[] for _ in range(n)]
-    faults = [0.0] * n
-    stime = [0.0] * n
-    timed_calls = [0] * n
+    faults, stime, calls = [0.0] * n, [0.0] * n, [0] * n
+    rusage = _rusage() is not None
 
     def spent(i):
         return sum(times[i]) * number[i]
 
     def done():
-        if all(len(times[i]) >= s["repeat"] and spent(i) >= s["min_time"] for i in range(n)):
+        live = [i for i in range(n) if failed[i] is None]
+        if all(len(times[i]) >= s["repeat"] and spent(i) >= s["min_time"] for i in live):
             return True
-        return (all(len(t) >= 3 for t in times) and
-                any(spent(i) >= s["max_time"] for i in range(n)))
+        return (all(len(times[i]) >= 3 for i in live) and
+                any(spent(i) >= s["max_time"] for i in live))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(s["threads"])
@@ -512,15 +517,21 @@ def _time_cpu_interleaved(steps, s):
         rnd = 0
         while not done():
             for i in (range(n) if rnd % 2 == 0 else range(n - 1, -1, -1)):
+                if failed[i] is not None:
+                    continue
                 step, k = steps[i], number[i]
-                r0 = _rusage()
-                t0 = time.perf_counter()
-                for _ in range(k):
-                    step()
-                times[i].append((time.perf_counter() - t0) / k)
-                r1 = _rusage()
-                timed_calls[i] += k
-                if r0 is not None:
+                r0 = _rusage() if rusage else None
+                try:
+                    t0 = time.perf_counter()
+                    for _ in range(k):
+                        step()
+                    times[i].append((time.perf_counter() - t0) / k)
+                except Exception as e:  # noqa: BLE001
+                    failed[i] = e
+                    continue
+                calls[i] += k
+                if rusage:
+                    r1 = _rusage()
                     faults[i] += r1.ru_minflt - r0.ru_minflt
                     stime[i] += r1.ru_stime - r0.ru_stime
             rnd += 1
@@ -528,10 +539,11 @@ def _time_cpu_interleaved(steps, s):
         torch.set_num_threads(threads)
     out = []
     for i in range(n):
-        counts = {}
-        if _rusage() is not None:
-            counts = {"page_faults_per_call": faults[i] / timed_calls[i],
-                      "sys_ms_per_call": stime[i] * 1e3 / timed_calls[i]}
+        if failed[i] is not None:
+            out.append(failed[i])
+            continue
+        counts = ({"page_faults_per_call": faults[i] / calls[i],
+                   "sys_ms_per_call": stime[i] * 1e3 / calls[i]} if rusage else {})
         out.append((times[i], number[i], counts))
     return out
 
@@ -1041,18 +1053,17 @@ def _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
     parts += [(fr, _make_step(fn, sets, direction)) for fr, fn in frecs if fr["status"] == "OK"]
     if not parts:
         return
-    try:
-        results = _time_cpu_interleaved([step for _, step in parts], s)
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory: no times for the case
-        for r, _ in parts:
-            r.update(status="ERROR", error=_first_line(e))
-        return
-    for (r, _), (times, per, counts) in zip(parts, results):
+    for (r, _), res in zip(parts, _time_cpu_interleaved([step for _, step in parts], s)):
+        if isinstance(res, Exception):  # e.g. out of memory: no time for this side
+            r.update(status="ERROR", error=_first_line(res))
+            continue
+        times, per, counts = res
         r.update(_stats(times), calls_per_sample=per, **counts)
         r.update(_rates(rec, r["median_ms"], yard))
     if trec.get("median_ms"):  # then torch's is parts[0]
         for fr, _ in parts[1:]:
-            fr["speedup"] = trec["median_ms"] / fr["median_ms"]
+            if fr["status"] == "OK":
+                fr["speedup"] = trec["median_ms"] / fr["median_ms"]
 
 
 def _fmt_ms(r):

@@ -611,3 +611,21 @@ def test_cpu_timing_stops_at_max_time():
     assert statistics.median(ts) == pytest.approx(5e-2, rel=0.3)
     assert statistics.median(tf) == pytest.approx(1e-3, rel=0.5)
     assert set(cs) == {"page_faults_per_call", "sys_ms_per_call"}
+
+
+def test_cpu_timing_drops_a_side_that_raises():
+    """A side that raises while it is timed is reported with its exception and leaves the
+    rounds; the other sides are still timed."""
+    calls = [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] > 20:
+            raise MemoryError("out of memory at call 21")
+        _busy(1e-4)
+
+    s = {"repeat": 10, "min_time": 0.01, "max_time": 1.0, "threads": 1}
+    ok, bad = benchmark._time_cpu_interleaved([lambda: _busy(1e-4), flaky], s)
+    assert isinstance(bad, MemoryError)
+    times, per, counts = ok
+    assert len(times) >= 10 and per >= 1
