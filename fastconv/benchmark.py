@@ -1013,6 +1013,12 @@ def _bench_case(case, direction, s, yard, log):
     return rec
 
 
+def _fill_times(r, rec, times, per, counts, yard):
+    """One side's timing record: median / IQR, calls per sample, page faults, rates."""
+    r.update(_stats(times), calls_per_sample=per, **counts)
+    r.update(_rates(rec, r["median_ms"], yard))
+
+
 def _time_case_sequential(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
     """torch's timing, then each fastconv implementation's (CUDA)."""
     if trec["status"] == "OK":
@@ -1021,18 +1027,15 @@ def _time_case_sequential(rec, trec, frecs, torch_fn, sets, direction, s, yard, 
             # the profiled call also warms up the timer's first measurement
             trec.update(_torch_backend(case, tstep, sets[0], s, direction))
             counts = {}
-            times, per = _time(tstep, s, counts)
-            trec.update(_stats(times), calls_per_sample=per, **counts)
-            trec.update(_rates(rec, trec["median_ms"], yard))
+            _fill_times(trec, rec, *_time(tstep, s, counts), counts, yard)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: no speedups for the case
             trec.update(status="ERROR", error=_first_line(e))
     for fr, fn in frecs:
         if fr["status"] == "OK":
             try:
                 counts = {}
-                times, per = _time(_make_step(fn, sets, direction), s, counts)
-                fr.update(_stats(times), calls_per_sample=per, **counts)
-                fr.update(_rates(rec, fr["median_ms"], yard))
+                _fill_times(fr, rec, *_time(_make_step(fn, sets, direction), s, counts), counts,
+                            yard)
                 if trec.get("median_ms"):
                     fr["speedup"] = trec["median_ms"] / fr["median_ms"]
             except Exception as e:  # noqa: BLE001
@@ -1057,9 +1060,7 @@ def _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
         if isinstance(res, Exception):  # e.g. out of memory: no time for this side
             r.update(status="ERROR", error=_first_line(res))
             continue
-        times, per, counts = res
-        r.update(_stats(times), calls_per_sample=per, **counts)
-        r.update(_rates(rec, r["median_ms"], yard))
+        _fill_times(r, rec, *res, yard)
     if trec.get("median_ms"):  # then torch's is parts[0]
         for fr, _ in parts[1:]:
             if fr["status"] == "OK":
