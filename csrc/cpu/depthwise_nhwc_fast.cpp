@@ -346,6 +346,10 @@ inline void bias_sums(float* bp, const float* grow, int64_t C, int64_t c0, int64
 // 0.88-1.19 ms while a streaming copy of the same bytes took 0.38-0.45 ms, and 0.86-1.16
 // against 0.85-1.14 ms while it took 0.72-0.84 ms (memory-bound). With a single prefetch burst
 // per block instead of two slices the two-row kernel lost to the one-row one in the slow phase.
+// Its arithmetic is off the critical path: on one thread it takes 1.33-1.44 ms at the bench
+// shape against 0.68 ms for the two kernels below with their data in L1, and taking a third of
+// the FMAs out made it no faster; without the prefetches one thread takes 5.0 ms (README,
+// "depthwise 3x3 channels_last").
 
 // grad_input rows t (o0) and t + 1 (o1, when TWO) at output pixels [ow, ow + P) of one channel
 // block: gr[r] is grad_output row t - 1 + r at the channel block (nullptr outside the image),
