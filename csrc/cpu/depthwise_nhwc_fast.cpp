@@ -52,6 +52,23 @@ struct Geometry {
   int64_t ph, pw;     // padding (may be negative for grad_input when p > K - 1)
 };
 
+// xv[q] = row[(col0 + q) * C .. + 16) for q < N: the N input vectors of one row that a block of
+// pixels reads, zero for columns outside [0, W) unless INTERIOR (every column inside). OPAQUE
+// passes each vector through an empty asm, opaque to the optimiser: the grad_weight blocks need
+// it, or GCC re-reads each vector from memory for every FMA that uses it (K times), which made
+// their loops load-bound.
+template <int N, bool INTERIOR, bool OPAQUE = false>
+__attribute__((always_inline)) inline void load_columns(const float* row, int64_t col0, int64_t W,
+                                                        int64_t C, __m512* xv) {
+#pragma GCC unroll 16
+  for (int q = 0; q < N; ++q) {
+    const int64_t col = col0 + q;
+    xv[q] = (INTERIOR || (col >= 0 && col < W)) ? _mm512_loadu_ps(row + col * C)
+                                                 : _mm512_setzero_ps();
+    if (OPAQUE) asm("" : "+v"(xv[q]));
+  }
+}
+
 // Output pixels [ow0, ow0 + P) of one row, one channel block. rows[kh]: the input row oh - ph +
 // kh at this channel block, nullptr outside the image. INTERIOR: every column the block reads
 // is inside the image.
@@ -69,12 +86,7 @@ __attribute__((noinline)) void corr_block(const float* const* rows, int64_t W, i
     const float* r = rows[kh];
     if (r == nullptr) continue;
     __m512 xv[P + K - 1];
-#pragma GCC unroll 16
-    for (int q = 0; q < P + K - 1; ++q) {
-      const int64_t iw = iw0 + q;
-      xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(r + iw * C)
-                                                 : _mm512_setzero_ps();
-    }
+    load_columns<P + K - 1, INTERIOR>(r, iw0, W, C, xv);
 #pragma GCC unroll 8
     for (int kw = 0; kw < K; ++kw) {
       const __m512 wv = _mm512_loadu_ps(w + (kh * K + kw) * C);
@@ -215,13 +227,7 @@ __attribute__((always_inline)) inline void gw_block(const float* xr, const float
   constexpr int P = kGwBlock;
   __m512 gv[P], xv[P + K - 1];
   for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + (ow + p) * C);
-  for (int q = 0; q < P + K - 1; ++q) {
-    const int64_t iw = ow - pw + q;
-    xv[q] = INTERIOR || (iw >= 0 && iw < W) ? _mm512_loadu_ps(xr + iw * C) : _mm512_setzero_ps();
-    // opaque to the optimiser: GCC would otherwise re-read each vector from memory for every
-    // FMA that uses it (K times), which made this loop load-bound
-    asm("" : "+v"(xv[q]));
-  }
+  load_columns<P + K - 1, INTERIOR, true>(xr, ow - pw, W, C, xv);
   for (int p = 0; p < P; ++p)  // consecutive FMAs feed different accumulators
     for (int kw = 0; kw < K; ++kw)
       acc[p % S][kw] = _mm512_fmadd_ps(gv[p], xv[p + kw], acc[p % S][kw]);
@@ -367,12 +373,7 @@ __attribute__((noinline)) void corr3_rows2(const float* const* gr, int64_t W, in
     const float* row = gr[r];
     if (row == nullptr) continue;
     __m512 xv[P + 2];
-#pragma GCC unroll 10
-    for (int q = 0; q < P + 2; ++q) {
-      const int64_t iw = iw0 + q;
-      xv[q] = (INTERIOR || (iw >= 0 && iw < W)) ? _mm512_loadu_ps(row + iw * C)
-                                                 : _mm512_setzero_ps();
-    }
+    load_columns<P + 2, INTERIOR>(row, iw0, W, C, xv);
 #pragma GCC unroll 3
     for (int kw = 0; kw < 3; ++kw) {
       if (r <= 2) {  // kernel row r of output row t
@@ -431,15 +432,7 @@ __attribute__((noinline)) void gw3_rows2(const float* const* x4, const float* g0
       const float* row = x4[r];
       if (row == nullptr) continue;
       __m512 xv[Q + 2];
-#pragma GCC unroll 6
-      for (int q = 0; q < Q + 2; ++q) {
-        const int64_t col = ix0 + h + q;
-        xv[q] = (INTERIOR || (col >= 0 && col < W)) ? _mm512_loadu_ps(row + col * C)
-                                                     : _mm512_setzero_ps();
-        // opaque to the optimiser: GCC would otherwise re-read each vector from memory for
-        // every FMA that uses it
-        asm("" : "+v"(xv[q]));
-      }
+      load_columns<Q + 2, INTERIOR, true>(row, ix0 + h, W, C, xv);
       if (r <= 2) {  // kernel row r of output row t
 #pragma GCC unroll 4
         for (int p = 0; p < Q; ++p)
