@@ -1,9 +1,11 @@
-"""Fake (meta) kernels and autograd formulas for the fastconv ops, through torch.library.
+"""Fake (meta) kernels for the fastconv ops, and the backward ops' autograd, through
+torch.library.
 
-The C++ side (csrc/fastconv.cpp) declares the schemas and registers the CPU / CUDA kernels;
-this module makes the ops traceable (torch.compile, FakeTensor, opcheck) and differentiable.
-Backward ops are ops of their own; differentiating through them again (double backward)
-raises a clear error.
+The C++ side declares the schemas (csrc/fastconv.cpp), registers the CPU / CUDA kernels and the
+forward ops' autograd formulas (csrc/autograd.cpp: in C++ because Python's autograd.Function
+machinery cost more than the kernels at small shapes); this module makes the ops traceable
+(torch.compile, FakeTensor, opcheck). Backward ops are ops of their own; differentiating
+through them again (double backward) raises a clear error.
 """
 
 from __future__ import annotations
@@ -154,106 +156,9 @@ def _check_pool_backward_args(op, grad_output, input, indices, out_shape, kernel
 
 
 # --------------------------------------------------------------------------------------------
-# autograd
+# autograd: the forward ops' formulas are C++ (csrc/autograd.cpp, the Autograd key); the backward
+# ops get one here that makes differentiating through them a clear error
 # --------------------------------------------------------------------------------------------
-
-
-def _conv2d_setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, algo = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.conv_args = (list(stride), list(padding), list(dilation), groups, algo)
-    ctx.has_bias = bias is not None
-
-
-def _depthwise_grads(grad, input, weight, stride, padding, dilation, bias_grad):
-    """(grad_input, grad_weight, grad_bias or None) from one _depthwise_conv2d_backward call
-    (its CPU kernels read grad_output once for all three)."""
-    grads = torch.ops.fastconv._depthwise_conv2d_backward(
-        grad, input, weight, stride, padding, dilation, bias_grad)
-    return grads[0], grads[1], (grads[2] if bias_grad else None)
-
-
-def _conv2d_backward(ctx, grad):
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation, groups, algo = ctx.conv_args
-    grad_input = grad_weight = grad_bias = None
-    bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
-    # algo="auto" runs depthwise shapes (groups == C_in > 1, weight.size(1) == 1) on the
-    # depthwise kernels: then one call gives all the gradients
-    c_in = input.shape[1]
-    if (algo == "auto" and groups == c_in and groups > 1 and weight.shape[0] % c_in == 0
-            and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]):
-        grads = _depthwise_grads(grad, input, weight, stride, padding, dilation, bias_grad)
-        return (*grads, None, None, None, None, None)
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastconv._conv2d_grad_input(
-            grad, weight, list(input.shape), stride, padding, dilation, groups, algo)
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.fastconv._conv2d_grad_weight(
-            grad, input, list(weight.shape), stride, padding, dilation, groups, algo)
-    if bias_grad:
-        grad_bias = grad.sum((0, 2, 3))
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
-
-
-lib.register_autograd("fastconv::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
-
-
-def _depthwise_setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.conv_args = (list(stride), list(padding), list(dilation))
-    ctx.has_bias = bias is not None
-
-
-def _depthwise_backward(ctx, grad):
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation = ctx.conv_args
-    grad_input = grad_weight = grad_bias = None
-    bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-        grads = _depthwise_grads(grad, input, weight, stride, padding, dilation, bias_grad)
-        return (*grads, None, None, None)
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastconv._depthwise_conv2d_grad_input(
-            grad, weight, list(input.shape), stride, padding, dilation)
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.fastconv._depthwise_conv2d_grad_weight(
-            grad, input, list(weight.shape), stride, padding, dilation)
-    if bias_grad:
-        grad_bias = grad.sum((0, 2, 3))
-    return grad_input, grad_weight, grad_bias, None, None, None
-
-
-lib.register_autograd(
-    "fastconv::depthwise_conv2d", _depthwise_backward, setup_context=_depthwise_setup_context)
-
-
-def _max_pool2d_setup_context(ctx, inputs, output):
-    input, kernel_size, stride, padding, dilation, ceil_mode, indices_mode = inputs
-    _, indices = output
-    ctx.mark_non_differentiable(indices)
-    ctx.save_for_backward(input, indices)
-    ctx.pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
-    ctx.indices_mode = indices_mode
-
-
-def _max_pool2d_backward(ctx, grad, _grad_indices):
-    input, indices = ctx.saved_tensors
-    if ctx.indices_mode == "none":
-        raise RuntimeError(
-            "max_pool2d: the backward needs the forward's indices, but the op was called with "
-            "indices='none'; call it with indices='compact' (or 'full'), as "
-            "fastconv.max_pool2d does when the input requires grad"
-        )
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastconv._max_pool2d_backward(grad, input, indices, *ctx.pool_args)
-    return grad_input, None, None, None, None, None, None
-
-
-lib.register_autograd(
-    "fastconv::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup_context)
 
 
 def _no_double_backward(name):
