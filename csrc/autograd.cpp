@@ -114,6 +114,51 @@ bool depthwise_shaped(const at::Tensor& input, const at::Tensor& weight, int64_t
   return groups > 1 && c_in == groups && weight.sym_size(0) % c_in == 0;
 }
 
+// What the two convolutions save for their backward besides their own arguments, and read back.
+void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+               const c10::optional<at::Tensor>& bias, IntArrayRef stride, IntArrayRef padding,
+               IntArrayRef dilation) {
+  ctx->save_for_backward({input, weight});
+  save_ints(ctx, "stride", stride);
+  save_ints(ctx, "padding", padding);
+  save_ints(ctx, "dilation", dilation);
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+}
+
+struct ConvBackward {
+  variable_list saved;  // input, weight
+  at::Tensor grad;
+  std::vector<int64_t> stride, padding, dilation;
+  bool need_input, need_weight, need_bias;
+
+  ConvBackward(AutogradContext* ctx, const variable_list& grads)
+      : saved(ctx->get_saved_variables()),
+        grad(grads[0]),
+        stride(ints(ctx, "stride")),
+        padding(ints(ctx, "padding")),
+        dilation(ints(ctx, "dilation")),
+        need_input(ctx->needs_input_grad(0)),
+        need_weight(ctx->needs_input_grad(1)),
+        need_bias(ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {}
+
+  const at::Tensor& input() const { return saved[0]; }
+  const at::Tensor& weight() const { return saved[1]; }
+
+  // out[0..2] = grad_input, grad_weight (and the bias gradient) from one
+  // _depthwise_conv2d_backward call
+  void depthwise_fused(variable_list& out) const {
+    std::vector<at::Tensor> g = depthwise_backward_op().call(grad, input(), weight(), stride,
+                                                             padding, dilation, need_bias);
+    out[0] = g[0];
+    out[1] = g[1];
+    if (need_bias) out[2] = g[2];
+  }
+
+  void bias(variable_list& out) const {
+    if (need_bias) out[2] = grad.sum({0, 2, 3});
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // conv2d
 // ---------------------------------------------------------------------------------------------
@@ -123,47 +168,32 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                             int64_t groups, c10::string_view algo) {
-    ctx->save_for_backward({input, weight});
-    save_ints(ctx, "stride", stride);
-    save_ints(ctx, "padding", padding);
-    save_ints(ctx, "dilation", dilation);
+    save_conv(ctx, input, weight, bias, stride, padding, dilation);
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["algo"] = std::string(algo);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     at::AutoDispatchBelowADInplaceOrView below;
     return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups, algo);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& grad = grads[0];
-    const std::vector<int64_t> stride = ints(ctx, "stride"), padding = ints(ctx, "padding"),
-                               dilation = ints(ctx, "dilation");
+    const ConvBackward b(ctx, grads);
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const std::string algo = ctx->saved_data["algo"].toStringRef();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
-    const bool need_bias = has_bias && ctx->needs_input_grad(2);
 
     BackwardCalls calls;
     variable_list out(8);  // one per forward argument; the non-tensor ones stay undefined
-    if (algo == "auto" && need_input && need_weight && depthwise_shaped(input, weight, groups)) {
-      std::vector<at::Tensor> g = depthwise_backward_op().call(grad, input, weight, stride,
-                                                               padding, dilation, need_bias);
-      out[0] = g[0];
-      out[1] = g[1];
-      if (need_bias) out[2] = g[2];
+    if (algo == "auto" && b.need_input && b.need_weight &&
+        depthwise_shaped(b.input(), b.weight(), groups)) {
+      b.depthwise_fused(out);
       return out;
     }
-    if (need_input)
-      out[0] = conv2d_grad_input_op().call(grad, weight, input.sym_sizes(), stride, padding,
-                                           dilation, groups, algo);
-    if (need_weight)
-      out[1] = conv2d_grad_weight_op().call(grad, input, weight.sym_sizes(), stride, padding,
-                                            dilation, groups, algo);
-    if (need_bias) out[2] = grad.sum({0, 2, 3});
+    if (b.need_input)
+      out[0] = conv2d_grad_input_op().call(b.grad, b.weight(), b.input().sym_sizes(), b.stride,
+                                           b.padding, b.dilation, groups, algo);
+    if (b.need_weight)
+      out[1] = conv2d_grad_weight_op().call(b.grad, b.input(), b.weight().sym_sizes(), b.stride,
+                                            b.padding, b.dilation, groups, algo);
+    b.bias(out);
     return out;
   }
 };
@@ -187,43 +217,26 @@ struct DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
-    ctx->save_for_backward({input, weight});
-    save_ints(ctx, "stride", stride);
-    save_ints(ctx, "padding", padding);
-    save_ints(ctx, "dilation", dilation);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_conv(ctx, input, weight, bias, stride, padding, dilation);
     at::AutoDispatchBelowADInplaceOrView below;
     return depthwise_op().call(input, weight, bias, stride, padding, dilation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& grad = grads[0];
-    const std::vector<int64_t> stride = ints(ctx, "stride"), padding = ints(ctx, "padding"),
-                               dilation = ints(ctx, "dilation");
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
-    const bool need_bias = has_bias && ctx->needs_input_grad(2);
-
+    const ConvBackward b(ctx, grads);
     BackwardCalls calls;
     variable_list out(6);
-    if (need_input && need_weight) {
-      std::vector<at::Tensor> g = depthwise_backward_op().call(grad, input, weight, stride,
-                                                               padding, dilation, need_bias);
-      out[0] = g[0];
-      out[1] = g[1];
-      if (need_bias) out[2] = g[2];
+    if (b.need_input && b.need_weight) {
+      b.depthwise_fused(out);
       return out;
     }
-    if (need_input)
-      out[0] = depthwise_grad_input_op().call(grad, weight, input.sym_sizes(), stride, padding,
-                                              dilation);
-    if (need_weight)
-      out[1] = depthwise_grad_weight_op().call(grad, input, weight.sym_sizes(), stride, padding,
-                                               dilation);
-    if (need_bias) out[2] = grad.sum({0, 2, 3});
+    if (b.need_input)
+      out[0] = depthwise_grad_input_op().call(b.grad, b.weight(), b.input().sym_sizes(),
+                                              b.stride, b.padding, b.dilation);
+    if (b.need_weight)
+      out[1] = depthwise_grad_weight_op().call(b.grad, b.input(), b.weight().sym_sizes(),
+                                               b.stride, b.padding, b.dilation);
+    b.bias(out);
     return out;
   }
 };
