@@ -114,7 +114,8 @@ bool depthwise_shaped(const at::Tensor& input, const at::Tensor& weight, int64_t
   return groups > 1 && c_in == groups && weight.sym_size(0) % c_in == 0;
 }
 
-// What the two convolutions save for their backward besides their own arguments, and read back.
+// What both convolutions save for their backward (input, weight, stride, padding, dilation,
+// whether there is a bias), and what ConvBackward reads back from it.
 void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                const c10::optional<at::Tensor>& bias, IntArrayRef stride, IntArrayRef padding,
                IntArrayRef dilation) {
