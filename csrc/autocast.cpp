@@ -9,8 +9,9 @@
 // This file uses no CUDA header: it is built in CPU-only builds too, where the kernels are
 // registered but never reached (AutocastCUDA only sees CUDA tensors).
 
+#include "common/ops.h"
+
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -28,28 +29,17 @@ at::ScalarType autocast_cuda_dtype() {
 #endif
 }
 
-// The C++ signatures every backend registers for these schemas (checked by the dispatcher).
-using Conv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&,
-                             const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                             at::IntArrayRef, int64_t, c10::string_view);
-using DepthwiseSig = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                const c10::optional<at::Tensor>&, at::IntArrayRef,
-                                at::IntArrayRef, at::IntArrayRef);
-
 at::Tensor conv2d_autocast_cuda(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, c10::string_view algo) {
   // Below this guard the redispatch reaches autograd and the backend kernel, not us again.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastconv::conv2d", "")
-                             .typed<Conv2dSig>();
   const at::ScalarType dtype = autocast_cuda_dtype();
-  return op.call(at::autocast::cached_cast(dtype, input, c10::DeviceType::CUDA),
-                 at::autocast::cached_cast(dtype, weight, c10::DeviceType::CUDA),
-                 at::autocast::cached_cast(dtype, bias, c10::DeviceType::CUDA), stride,
-                 padding, dilation, groups, algo);
+  return ops::conv2d_op().call(at::autocast::cached_cast(dtype, input, c10::DeviceType::CUDA),
+                               at::autocast::cached_cast(dtype, weight, c10::DeviceType::CUDA),
+                               at::autocast::cached_cast(dtype, bias, c10::DeviceType::CUDA),
+                               stride, padding, dilation, groups, algo);
 }
 
 at::Tensor depthwise_conv2d_autocast_cuda(const at::Tensor& input, const at::Tensor& weight,
@@ -57,14 +47,11 @@ at::Tensor depthwise_conv2d_autocast_cuda(const at::Tensor& input, const at::Ten
                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                           at::IntArrayRef dilation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastconv::depthwise_conv2d", "")
-                             .typed<DepthwiseSig>();
   const at::ScalarType dtype = autocast_cuda_dtype();
-  return op.call(at::autocast::cached_cast(dtype, input, c10::DeviceType::CUDA),
-                 at::autocast::cached_cast(dtype, weight, c10::DeviceType::CUDA),
-                 at::autocast::cached_cast(dtype, bias, c10::DeviceType::CUDA), stride,
-                 padding, dilation);
+  return ops::depthwise_op().call(at::autocast::cached_cast(dtype, input, c10::DeviceType::CUDA),
+                                  at::autocast::cached_cast(dtype, weight, c10::DeviceType::CUDA),
+                                  at::autocast::cached_cast(dtype, bias, c10::DeviceType::CUDA),
+                                  stride, padding, dilation);
 }
 
 }  // namespace

@@ -18,7 +18,8 @@
 // - max_pool2d: _max_pool2d_backward from the forward's indices (non-differentiable output).
 // Each gradient is computed only when autograd needs it (needs_input_grad).
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "common/ops.h"
+
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -34,48 +35,7 @@ using at::IntArrayRef;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The C++ signatures of the schemas in fastconv.cpp, for typed calls through the dispatcher.
-using Conv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&,
-                             const c10::optional<at::Tensor>&, IntArrayRef, IntArrayRef,
-                             IntArrayRef, int64_t, c10::string_view);
-using Conv2dGradSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
-                                 IntArrayRef, IntArrayRef, IntArrayRef, int64_t,
-                                 c10::string_view);
-using DepthwiseSig = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                const c10::optional<at::Tensor>&, IntArrayRef, IntArrayRef,
-                                IntArrayRef);
-using DepthwiseGradSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
-                                    IntArrayRef, IntArrayRef, IntArrayRef);
-using DepthwiseBackwardSig = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, IntArrayRef, IntArrayRef,
-                                                     IntArrayRef, bool);
-using MaxPoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, IntArrayRef,
-                                                      IntArrayRef, IntArrayRef, IntArrayRef, bool,
-                                                      c10::string_view);
-using MaxPoolBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool);
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-#define FASTCONV_OP(fn, name, Sig)                                       \
-  const c10::TypedOperatorHandle<Sig>& fn() {                            \
-    static const c10::TypedOperatorHandle<Sig> h = find_op<Sig>(name); \
-    return h;                                                            \
-  }
-FASTCONV_OP(conv2d_op, "fastconv::conv2d", Conv2dSig)
-FASTCONV_OP(conv2d_grad_input_op, "fastconv::_conv2d_grad_input", Conv2dGradSig)
-FASTCONV_OP(conv2d_grad_weight_op, "fastconv::_conv2d_grad_weight", Conv2dGradSig)
-FASTCONV_OP(depthwise_op, "fastconv::depthwise_conv2d", DepthwiseSig)
-FASTCONV_OP(depthwise_grad_input_op, "fastconv::_depthwise_conv2d_grad_input", DepthwiseGradSig)
-FASTCONV_OP(depthwise_grad_weight_op, "fastconv::_depthwise_conv2d_grad_weight",
-            DepthwiseGradSig)
-FASTCONV_OP(depthwise_backward_op, "fastconv::_depthwise_conv2d_backward", DepthwiseBackwardSig)
-FASTCONV_OP(max_pool2d_op, "fastconv::max_pool2d", MaxPoolSig)
-FASTCONV_OP(max_pool2d_backward_op, "fastconv::_max_pool2d_backward", MaxPoolBackwardSig)
-#undef FASTCONV_OP
+using namespace ops;
 
 bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool requires_grad(const c10::optional<at::Tensor>& t) {
