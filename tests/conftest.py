@@ -52,6 +52,15 @@ class Snapshot:
             torch.testing.assert_close(t.detach(), copy, rtol=0, atol=0, equal_nan=True)
 
 
+def ops_called(fn):
+    """The names of the ops (and other profiler events) that running fn() records."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
 def is_channels_last(t):
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import reference
 
-from conftest import DEVICES, Snapshot, assert_close, is_channels_last
+from conftest import DEVICES, Snapshot, assert_close, is_channels_last, ops_called
 
 OPS = torch.ops.fastconv
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -195,14 +195,6 @@ def test_fused_backward_op_matches_the_separate_ops(case, dtype, layouts, device
         assert_close(grads[2], g.double().sum((0, 2, 3)), dtype, reduction=out[:, 0].numel())
 
 
-def _ops_called(fn):
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return {e.key for e in prof.key_averages()}
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("needs", [(True, True, True), (True, True, False), (True, False, False),
                                    (False, True, True), (False, False, True)], ids=str)
@@ -211,7 +203,7 @@ def test_autograd_uses_the_fused_op_when_input_and_weight_grads_are_needed(needs
     xa, wa, ba = (t.clone().requires_grad_(r) for t, r in zip((x, wt, b), needs))
     out = fastconv.depthwise_conv2d(xa, wa, ba, padding=1)
     g = torch.randn_like(out)
-    called = _ops_called(lambda: out.backward(g))
+    called = ops_called(lambda: out.backward(g))
     fused = needs[0] and needs[1]
     assert ("fastconv::_depthwise_conv2d_backward" in called) == fused
     assert ("fastconv::_depthwise_conv2d_grad_input" in called) == (needs[0] and not fused)
@@ -231,7 +223,7 @@ def test_conv2d_autograd_on_depthwise_shapes_uses_the_fused_op_for_auto(algo, la
     xa, wa, ba = (t.clone().requires_grad_() for t in (x, wt, b))
     out = fastconv.conv2d(xa, wa, ba, padding=1, groups=16, algo=algo)
     g = torch.randn_like(out)
-    called = _ops_called(lambda: out.backward(g))
+    called = ops_called(lambda: out.backward(g))
     assert ("fastconv::_depthwise_conv2d_backward" in called) == (algo == "auto")
     assert ("fastconv::_conv2d_grad_input" in called) == (algo != "auto")
     if algo == "auto":  # the same bits as conv2d's own backward ops

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastconv
+from conftest import ops_called
 from fastconv.info import OPS
 
 
@@ -78,14 +79,6 @@ def test_cpu_kernels_are_built_with_the_parallel_backend_of_torch():
 # --------------------------------------------------------------------------------------------
 
 
-def _called(fn):
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return {e.key for e in prof.key_averages()}
-
-
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
                                    (False, False, True), (False, True, True)], ids=str)
 def test_conv2d_computes_only_the_gradients_autograd_needs(needs):
@@ -94,7 +87,7 @@ def test_conv2d_computes_only_the_gradients_autograd_needs(needs):
     xa, wa, ba = (t.clone().requires_grad_(r) for t, r in zip((x, w, b), needs))
     out = fastconv.conv2d(xa, wa, ba, padding=1, groups=2)
     g = torch.randn_like(out)
-    called = _called(lambda: out.backward(g))
+    called = ops_called(lambda: out.backward(g))
     assert ("fastconv::_conv2d_grad_input" in called) == needs[0]
     assert ("fastconv::_conv2d_grad_weight" in called) == needs[1]
     xr, wr, br = (t.clone().requires_grad_(r) for t, r in zip((x, w, b), needs))
