@@ -15,7 +15,8 @@
 //   weight.size(0) a multiple of C_in) takes _depthwise_conv2d_backward for all three at once
 //   when both grad_input and grad_weight are needed (its CPU kernels read grad_output once).
 // - depthwise_conv2d: the same with the depthwise ops.
-// - max_pool2d: _max_pool2d_backward from the forward's indices (non-differentiable output).
+// - max_pool2d: _max_pool2d_backward from the forward's indices (an integer output, so never
+//   differentiable; not marked as such, which compiled autograd does not accept).
 // Each gradient is computed only when autograd needs it (needs_input_grad).
 
 #include "common/ops.h"
@@ -226,8 +227,12 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
       std::tie(out, idx) = max_pool2d_op().call(input, kernel_size, stride, padding, dilation,
                                                 ceil_mode, indices);
     }
-    ctx->mark_non_differentiable({idx});
-    // the indices output gets no gradient: do not make autograd fill one with zeros
+    // The indices are an integer tensor (int64, or uint8 for 'compact'; an empty int64 one for
+    // 'none'), which autograd never differentiates, so they need no mark_non_differentiable;
+    // compiled autograd (torch._dynamo.compiled_autograd) rejects a C++ node whose context
+    // marks any. They get no gradient: do not make autograd fill one with zeros.
+    TORCH_INTERNAL_ASSERT(!at::isFloatingType(idx.scalar_type()) &&
+                          !at::isComplexType(idx.scalar_type()));
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, idx});
     save_ints(ctx, "kernel_size", kernel_size);

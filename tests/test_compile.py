@@ -114,3 +114,41 @@ def test_compile_functional_padding_modes():
     assert_close(compiled(x), conv(x))
     # unbatched input goes through the same Python normalisation inside the graph
     assert_close(compiled(x[0]), conv(x[0]))
+
+
+def _compiled_autograd():
+    ca = getattr(torch._dynamo, "compiled_autograd", None)
+    if ca is None or not hasattr(ca, "_enable"):
+        pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
+    return ca
+
+
+def test_compiled_autograd_matches_eager():
+    # Compiled autograd traces the backward graph, C++ autograd nodes included; it rejects a
+    # node whose context marks outputs non-differentiable (max_pool2d's indices once were).
+    ca = _compiled_autograd()
+
+    def loss(model, x):
+        y = model(x)
+        # max_pool2d with indices returned, on top of the model's own pool (compact indices)
+        p, idx = fastconv.max_pool2d(y, 2, return_indices=True, ceil_mode=True)
+        assert not idx.requires_grad
+        return (y.square().sum() + p.sum()), idx
+
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    grads = []
+    for compiled in (False, True):
+        model = _mbconv().double()
+        xi = x.clone().requires_grad_(True)
+        l, idx = loss(model, xi)
+        if compiled:
+            with ca._enable(torch.compile(backend="eager")):
+                l.backward()
+        else:
+            l.backward()
+        grads.append((xi.grad, {n: p.grad for n, p in model.named_parameters()}, idx))
+    (gx1, gp1, i1), (gx2, gp2, i2) = grads
+    assert torch.equal(i1, i2)
+    assert_close(gx2, gx1, torch.float64)
+    for n in gp1:
+        assert_close(gp2[n], gp1[n], torch.float64, msg=lambda m: f"grad of {n}: {m}")
