@@ -152,3 +152,17 @@ def test_compiled_autograd_matches_eager():
     assert_close(gx2, gx1, torch.float64)
     for n in gp1:
         assert_close(gp2[n], gp1[n], torch.float64, msg=lambda m: f"grad of {n}: {m}")
+
+
+def test_vmap_matches_a_loop():
+    # torch.func.vmap runs the ops through torch's per-sample fallback (they have no batching
+    # rule of their own); torch.func.grad / vjp are not supported (README, support matrix)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, 7, 7, dtype=torch.float64)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    fns = [lambda xi: fastconv.conv2d(xi, w, None, 1, 1, 1, 4),
+           lambda xi: fastconv.depthwise_conv2d(xi, w, padding=1),
+           lambda xi: fastconv.max_pool2d(xi, 3, 2, 1, ceil_mode=True)]
+    for fn in fns:
+        out = torch.func.vmap(fn)(x)
+        assert torch.equal(out, torch.stack([fn(xi) for xi in x]))
