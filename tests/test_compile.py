@@ -154,6 +154,7 @@ def test_compiled_autograd_matches_eager():
         assert_close(gp2[n], gp1[n], torch.float64, msg=lambda m: f"grad of {n}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
 def test_vmap_matches_a_loop():
     # torch.func.vmap runs the ops through torch's per-sample fallback (they have no batching
     # rule of their own); torch.func.grad / vjp are not supported (README, support matrix)
