@@ -1,5 +1,5 @@
-"""Fake (meta) kernels for the fastconv ops, and the backward ops' autograd, through
-torch.library.
+"""Fake (meta) kernels for the fastconv ops, the backward ops' autograd and the forward ops'
+vmap rules, through torch.library.
 
 The C++ side declares the schemas (csrc/fastconv.cpp), registers the CPU / CUDA kernels and the
 forward ops' autograd formulas (csrc/autograd.cpp: in C++ because Python's autograd.Function
@@ -178,3 +178,55 @@ for _name in ("_conv2d_grad_input", "_conv2d_grad_weight", "_depthwise_conv2d_gr
               "_depthwise_conv2d_grad_weight", "_depthwise_conv2d_backward",
               "_max_pool2d_backward"):
     _no_double_backward(_name)
+
+
+# --------------------------------------------------------------------------------------------
+# vmap: the forward ops take a batch of images already, so a vmapped input folds into it
+# --------------------------------------------------------------------------------------------
+
+
+def _fold(x, bdim):
+    """x with its vmapped dim bdim merged into the image batch: (B * N, C, H, W), and B. A
+    view when the two dims are adjacent in memory (vmap's usual dim 0, either layout)."""
+    x = x.movedim(bdim, 0)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), x.shape[0]
+
+
+def _unfold(y, batch):
+    return y.reshape(batch, y.shape[0] // batch, *y.shape[1:])
+
+
+def _per_sample(op, info, in_dims, args):
+    """op over the vmapped dim one sample at a time, outputs stacked at dim 0: for a vmapped
+    weight or bias, where the samples do not share a kernel."""
+    def sample(i):  # in_dims has a (nested) None for each non-tensor argument
+        return [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)]
+
+    outs = [op(*sample(i)) for i in range(info.batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
+def _conv_vmap(op):
+    def rule(info, in_dims, input, weight, bias, *rest):
+        x_dim, w_dim, b_dim = in_dims[:3]
+        if x_dim is None or w_dim is not None or b_dim is not None:
+            return _per_sample(op, info, in_dims, (input, weight, bias, *rest))
+        x, batch = _fold(input, x_dim)
+        return _unfold(op(x, weight, bias, *rest), batch), 0
+    return rule
+
+
+lib.register_vmap("fastconv::conv2d", _conv_vmap(torch.ops.fastconv.conv2d))
+lib.register_vmap("fastconv::depthwise_conv2d", _conv_vmap(torch.ops.fastconv.depthwise_conv2d))
+
+
+@lib.register_vmap("fastconv::max_pool2d")
+def _max_pool2d_vmap(info, in_dims, input, *rest):
+    x, batch = _fold(input, in_dims[0])
+    out, idx = torch.ops.fastconv.max_pool2d(x, *rest)
+    # indices="none" gives one empty tensor, the same for every sample
+    return (_unfold(out, batch), _unfold(idx, batch) if idx.dim() == 4 else idx), \
+        (0, 0 if idx.dim() == 4 else None)

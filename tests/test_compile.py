@@ -154,16 +154,37 @@ def test_compiled_autograd_matches_eager():
         assert_close(gp2[n], gp1[n], torch.float64, msg=lambda m: f"grad of {n}: {m}")
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
-def test_vmap_matches_a_loop():
-    # torch.func.vmap runs the ops through torch's per-sample fallback (they have no batching
-    # rule of their own); torch.func.grad / vjp are not supported (README, support matrix)
+@pytest.mark.filterwarnings("error:There is a performance drop")  # torch's per-sample fallback
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_vmap_matches_a_loop(channels_last):
+    # The ops' vmap rules fold the vmapped dim into the image batch (one call), or loop over it
+    # when the weight or bias is vmapped; torch.func.grad / vjp are not supported (README).
     torch.manual_seed(0)
-    x = torch.randn(3, 2, 4, 7, 7, dtype=torch.float64)
-    w = torch.randn(4, 1, 3, 3, dtype=torch.float64)
-    fns = [lambda xi: fastconv.conv2d(xi, w, None, 1, 1, 1, 4),
-           lambda xi: fastconv.depthwise_conv2d(xi, w, padding=1),
-           lambda xi: fastconv.max_pool2d(xi, 3, 2, 1, ceil_mode=True)]
-    for fn in fns:
-        out = torch.func.vmap(fn)(x)
-        assert torch.equal(out, torch.stack([fn(xi) for xi in x]))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = torch.randn(3, 2, 4, 7, 7, dtype=torch.float64)
+    xs = torch.stack([x.contiguous(memory_format=fmt) for x in xs])
+    ws = torch.randn(3, 4, 1, 3, 3, dtype=torch.float64)
+    bs = torch.randn(3, 4, dtype=torch.float64)
+    w, b = ws[0], bs[0]
+    w2 = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    cases = [
+        (lambda x: fastconv.conv2d(x, w, b, 1, 1, 1, 4), (xs,), 0),
+        (lambda x: fastconv.conv2d(x, w2, None, 2, 1, 1, 2, algo="im2col"), (xs,), 0),
+        (lambda x: fastconv.depthwise_conv2d(x, w, b, padding=1), (xs,), 0),
+        (lambda x: fastconv.max_pool2d(x, 3, 2, 1, ceil_mode=True), (xs,), 0),
+        (lambda x: fastconv.max_pool2d(x, 2, return_indices=True), (xs,), 0),
+        # vmapped dim not first
+        (lambda x: fastconv.depthwise_conv2d(x, w, padding=1), (xs.movedim(0, 2),), 2),
+        # vmapped weight / bias: one call per sample
+        (lambda x, w: fastconv.conv2d(x, w, None, 1, 1, 1, 4), (xs, ws), 0),
+        (lambda x, b: fastconv.depthwise_conv2d(x, w, b, padding=1), (xs, bs), 0),
+        (lambda w: fastconv.conv2d(xs[0], w, None, 1, 1, 1, 4), (ws,), 0),
+    ]
+    for fn, args, dim in cases:
+        out = torch.func.vmap(fn, in_dims=dim)(*args)
+        ref = [fn(*(a.select(dim, i) for a in args)) for i in range(3)]
+        if isinstance(out, tuple):
+            for o, r in zip(out, zip(*ref)):
+                assert torch.equal(o, torch.stack(r))
+        else:
+            assert torch.equal(out, torch.stack(ref))
