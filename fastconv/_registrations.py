@@ -227,6 +227,6 @@ lib.register_vmap("fastconv::depthwise_conv2d", _conv_vmap(torch.ops.fastconv.de
 def _max_pool2d_vmap(info, in_dims, input, *rest):
     x, batch = _fold(input, in_dims[0])
     out, idx = torch.ops.fastconv.max_pool2d(x, *rest)
-    # indices="none" gives one empty tensor, the same for every sample
-    return (_unfold(out, batch), _unfold(idx, batch) if idx.dim() == 4 else idx), \
-        (0, 0 if idx.dim() == 4 else None)
+    if idx.dim() != 4:  # indices="none": one empty tensor, the same for every sample
+        return (_unfold(out, batch), idx), (0, None)
+    return (_unfold(out, batch), _unfold(idx, batch)), (0, 0)
