@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import itertools
 import math
 import os
@@ -483,7 +484,11 @@ def _time_cpu_interleaved(steps, s):
     samples each). On a shared host the memory bandwidth can halve and recover within seconds:
     timed one after the other, the two sides of a ratio can land in different stretches (a
     memory-bound kernel once timed 1.05x against torch while the same kernel under another
-    name timed 2.15x in the same run); interleaved, they see the same ones. Returns, per step,
+    name timed 2.15x in the same run); interleaved, they see the same ones. Each sample runs
+    with Python's garbage collector off, as timeit (so torch's Timer, and the sequential
+    timing) runs its loops: in one fwd+bwd loop torch's F.conv2d set off ~0.4 generation-0
+    collections per call and fastconv none, and a collection falls on whichever call comes
+    next. Returns, per step,
     (samples in seconds per call, calls per sample, counts), counts as in _time_cpu, or the
     exception it raised (it then leaves the rounds; the others go on)."""
     import torch
@@ -521,6 +526,8 @@ def _time_cpu_interleaved(steps, s):
                     continue
                 step, k = steps[i], number[i]
                 r0 = _rusage() if rusage else None
+                gc_was_on = gc.isenabled()
+                gc.disable()  # as timeit (and so torch's Timer) does for its loops
                 try:
                     t0 = time.perf_counter()
                     for _ in range(k):
@@ -529,6 +536,9 @@ def _time_cpu_interleaved(steps, s):
                 except Exception as e:  # noqa: BLE001
                     failed[i] = e
                     continue
+                finally:
+                    if gc_was_on:
+                        gc.enable()
                 calls[i] += k
                 if rusage:
                     r1 = _rusage()

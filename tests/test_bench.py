@@ -613,6 +613,35 @@ def test_cpu_timing_stops_at_max_time():
     assert set(cs) == {"page_faults_per_call", "sys_ms_per_call"}
 
 
+def test_cpu_timing_runs_its_samples_with_the_garbage_collector_off():
+    """Like torch's Timer (timeit), the interleaved samples run with Python's garbage collector
+    off, so that a collection which one side's allocations trigger is not charged to whichever
+    side happens to run next; it is on again afterwards, and after a side that raised."""
+    import gc
+
+    seen = []
+
+    def step():
+        seen.append(gc.isenabled())
+        _busy(1e-4)
+
+    def raises():
+        raise RuntimeError("boom")
+
+    s = {"repeat": 5, "min_time": 0.01, "max_time": 1.0, "threads": 1}
+    assert gc.isenabled()
+    benchmark._time_cpu_interleaved([step, raises], s)
+    assert gc.isenabled()
+    # calibration (blocked_autorange, which is timeit's loop) and every timed sample: off
+    assert len(seen) > 10 and not any(seen)
+    gc.disable()
+    try:
+        benchmark._time_cpu_interleaved([step], s)
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
+
+
 def test_cpu_timing_drops_a_side_that_raises():
     """A side that raises while it is timed is reported with its exception and leaves the
     rounds; the other sides are still timed."""
