@@ -626,11 +626,15 @@ def test_cpu_timing_runs_its_samples_with_the_garbage_collector_off():
         _busy(1e-4)
 
     def raises():
-        raise RuntimeError("boom")
+        # in a timed sample (called from the rounds' own loop), not in the Timer's calibration
+        if sys._getframe(1).f_code.co_name == "_time_cpu_interleaved":
+            raise RuntimeError("boom")
+        _busy(1e-4)
 
     s = {"repeat": 5, "min_time": 0.01, "max_time": 1.0, "threads": 1}
     assert gc.isenabled()
-    benchmark._time_cpu_interleaved([step, raises], s)
+    ok, bad = benchmark._time_cpu_interleaved([step, raises], s)
+    assert isinstance(bad, RuntimeError) and len(ok[0]) >= 5
     assert gc.isenabled()
     # calibration (blocked_autorange, which is timeit's loop) and every timed sample: off
     assert len(seen) > 10 and not any(seen)
