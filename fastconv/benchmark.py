@@ -30,7 +30,10 @@ backward), on one device:
    the kernel itself; --malloc retain keeps freed memory in the process, on both sides.
 4. report: TFLOP/s for convolutions (2 * N * O * OH * OW * C/g * kH * kW per forward, x3 for
    forward + backward), GB/s and the fraction of the copy bandwidth (a large tensor copy timed
-   in the same run) for depthwise and pooling, and speedup = torch time / fastconv time.
+   in the same run) for depthwise and pooling, and speedup = torch time / fastconv time. On
+   CPU a depthwise or pooling case whose inputs exceed the L3 also times the yardstick's copy
+   in the same rounds as its sides (rec["copy"]; case_copy_fraction per side), since the
+   machine's bandwidth may have changed since the run's yardstick was taken.
 
 Test hook: implementations come from fastconv._cases.fastconv_impls / torch_impl, looked up
 at run time (monkeypatch them to inject an implementation; tests/test_bench.py does).
@@ -592,17 +595,28 @@ def _time(step, s, counts=None):
     return _time_cuda(step, s) if s["device"].type == "cuda" else _time_cpu(step, s, counts)
 
 
+# the CPU copy yardstick's tensor size at least (tests shrink it)
+_CPU_COPY_MIN_BYTES = 256 << 20
+
+
+def _copy_bytes(dev):
+    """Bytes of each tensor of the copy yardstick: far beyond the last-level cache (a copy of
+    43 MB tensors ran at 84 GB/s here against 68 for 256 MB ones, the L3 serving part of it)."""
+    import torch
+
+    if dev.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (50 << 20)
+        return max(1 << 30, 16 * l2)
+    return max(_CPU_COPY_MIN_BYTES, 8 * (_cache_bytes(3) or (32 << 20)))
+
+
 def _copy_bandwidth(s):
     """GB/s of dst.copy_(src) on a tensor well beyond the last-level cache (bytes read +
     written), the yardstick for the memory-bound cases."""
     import torch
 
     dev = s["device"]
-    if dev.type == "cuda":
-        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (50 << 20)
-        nbytes = max(1 << 30, 16 * l2)
-    else:
-        nbytes = max(256 << 20, 8 * (_cache_bytes(3) or (32 << 20)))
+    nbytes = _copy_bytes(dev)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
     times, per = _time(lambda: dst.copy_(src), s)
@@ -1014,6 +1028,9 @@ def _bench_case(case, direction, s, yard, log):
             log(f"    {fr['impl']:<10} {_fmt_ms(fr)}{sp}")
         else:
             log(f"    {fr['impl']:<10} {fr['status']}: {fr['error']}")
+    if "copy" in rec:
+        log(f"    copy       {rec['copy']['median_ms']:.3f} ms median, "
+            f"{rec['copy']['gbps']:.1f} GB/s (the copy yardstick in this case's rounds)")
     rec["torch"] = trec
     rec["fastconv"] = [fr for fr, _ in frecs]
     rec["wall_s"] = {"check": t_check, "timing": time.perf_counter() - t0 - t_check}
@@ -1052,9 +1069,33 @@ def _time_case_sequential(rec, trec, frecs, torch_fn, sets, direction, s, yard, 
                 fr.update(status="ERROR", error=_first_line(e))
 
 
+def _case_copy_step(rec):
+    """(bytes moved per copy, step) for a CPU case whose rotated inputs exceed the last-level
+    cache: the copy yardstick's dst.copy_(src) (_copy_bytes), to be timed in the case's own
+    rounds; None for a case that runs from the cache (its time is not the memory's)."""
+    import torch
+
+    if rec["bytes"] * rec["input_sets"] < 2 * (_cache_bytes(3) or (32 << 20)):
+        return None
+    nbytes = _copy_bytes(torch.device("cpu"))
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes, lambda: dst.copy_(src)
+
+
 def _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
     """torch and every fastconv implementation timed together, interleaved
-    (_time_cpu_interleaved)."""
+    (_time_cpu_interleaved). A memory-bound case also times the copy yardstick's copy in the
+    same rounds (rec["copy"]): this machine's memory bandwidth can halve and recover within
+    seconds, so the yardstick taken once at the start of the run may come from another stretch
+    than the case; each side's case_copy_fraction compares it with the copy of the same
+    rounds. (Cases that run from the last-level cache have none.)"""
+    copy = None  # (bytes moved per copy, step)
+    if rec["kind"] == "memory":
+        try:
+            copy = _case_copy_step(rec)
+        except Exception:  # noqa: BLE001 - e.g. out of memory: the case goes on without it
+            copy = None
     parts = []  # (record, step)
     if trec["status"] == "OK":
         try:
@@ -1066,11 +1107,21 @@ def _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
     parts += [(fr, _make_step(fn, sets, direction)) for fr, fn in frecs if fr["status"] == "OK"]
     if not parts:
         return
-    for (r, _), res in zip(parts, _time_cpu_interleaved([step for _, step in parts], s)):
+    steps = [step for _, step in parts] + ([copy[1]] if copy else [])
+    results = _time_cpu_interleaved(steps, s)
+    for (r, _), res in zip(parts, results):
         if isinstance(res, Exception):  # e.g. out of memory: no time for this side
             r.update(status="ERROR", error=_first_line(res))
             continue
         _fill_times(r, rec, *res, yard)
+    if copy and not isinstance(results[-1], Exception):
+        st = _stats(results[-1][0])
+        rec["copy"] = {"bytes_per_copy": copy[0], "median_ms": st["median_ms"],
+                       "iqr_ms": st["iqr_ms"],
+                       "gbps": copy[0] / (st["median_ms"] * 1e-3) / 1e9}
+        for r, _ in parts:
+            if r.get("median_ms"):
+                r["case_copy_fraction"] = r["gbps"] / rec["copy"]["gbps"]
     if trec.get("median_ms"):  # then torch's is parts[0]
         for fr, _ in parts[1:]:
             if fr["status"] == "OK":
@@ -1132,7 +1183,7 @@ def format_table(records, yard):
                 f"{r['iqr_ms']:.3f}" if timed else "-",
                 f"{r['tflops']:.3f}{pct(r.get('gemm_fraction'))}"
                 if timed and "tflops" in r else "-",
-                f"{r['gbps']:.1f}{pct(r.get('copy_fraction'))}"
+                f"{r['gbps']:.1f}{pct(r.get('case_copy_fraction', r.get('copy_fraction')))}"
                 if timed and rec["kind"] == "memory" else "-",
                 (f"{r['speedup']:.2f}x" if r.get("speedup") else "-") if i else "",
                 (t.get("backend") or f"{t['status']}: {t['error']}") if i == 0 else (
@@ -1152,7 +1203,9 @@ def format_table(records, yard):
     lines.append(
         f"yardsticks (same run, best sample): copy {yard.get('copy_gbps', 0):.1f} GB/s, GEMM "
         f"{yard.get('gemm_tflops', 0):.3f} TFLOP/s. GB/s counts the minimum traffic (each "
-        f"tensor read or written once); speedup = torch time / fastconv time.")
+        f"tensor read or written once); %copy: of the copy yardstick's median timed in the "
+        f"case's own rounds (CPU cases beyond the L3), else of its best sample at the start; "
+        f"speedup = torch time / fastconv time.")
     return "\n".join(lines)
 
 

@@ -158,6 +158,39 @@ def test_end_to_end_json_and_plot(capsys, tmp_path):
     assert "[ 1/12]" in err
 
 
+def test_memory_cases_time_the_copy_in_their_own_rounds(capsys, tmp_path, monkeypatch):
+    """A memory-bound CPU case whose rotated inputs exceed the last-level cache times the copy
+    yardstick's copy in its own rounds, and each side's case_copy_fraction compares its GB/s
+    with that copy's; compute-bound cases and cases that fit in the cache time none."""
+    js = tmp_path / "out.json"
+    rc, _, _ = run_bench(capsys, "--ops", "max_pool2d", "--direction", "fwd", "--json", str(js))
+    assert rc == 0
+    assert all("copy" not in c for c in json.loads(js.read_text())["cases"])  # tiny: in cache
+
+    cache = 16 << 10  # a last-level cache the tiny cases' inputs exceed
+    monkeypatch.setattr(benchmark, "_cache_bytes", lambda level: cache)
+    monkeypatch.setattr(benchmark, "_CPU_COPY_MIN_BYTES", 1 << 20)
+    rc, out, err = run_bench(capsys, "--ops", "max_pool2d,conv2d", "--direction", "fwd",
+                             "--json", str(js))
+    assert rc == 0, err
+    cases = json.loads(js.read_text())["cases"]
+    memory = [c for c in cases if c["kind"] == "memory"]
+    assert memory and len(memory) < len(cases)
+    for c in cases:
+        if c["kind"] != "memory":
+            assert "copy" not in c
+            continue
+        assert c["bytes"] * c["input_sets"] >= 2 * cache
+        cp = c["copy"]
+        assert cp["bytes_per_copy"] == 2 * max(1 << 20, 8 * cache)
+        assert cp["gbps"] == pytest.approx(cp["bytes_per_copy"] / (cp["median_ms"] * 1e-3) / 1e9)
+        for side in [c["torch"]] + c["fastconv"]:
+            assert side["case_copy_fraction"] == pytest.approx(side["gbps"] / cp["gbps"])
+            assert side["copy_fraction"] > 0  # against the run's yardstick, still there
+    assert "copy yardstick in this case's rounds" in err
+    assert "%copy: of the copy yardstick's median timed in the case's own rounds" in out
+
+
 # --------------------------------------------------------------------------------------------
 # FAIL detection (test hook: fastconv._cases.fastconv_impls)
 # --------------------------------------------------------------------------------------------
