@@ -610,18 +610,23 @@ def _copy_bytes(dev):
     return max(_CPU_COPY_MIN_BYTES, 8 * (_cache_bytes(3) or (32 << 20)))
 
 
-def _copy_bandwidth(s):
-    """GB/s of dst.copy_(src) on a tensor well beyond the last-level cache (bytes read +
-    written), the yardstick for the memory-bound cases."""
+def _copy_step(dev):
+    """(bytes of each tensor, step): the copy yardstick's dst.copy_(src), _copy_bytes each."""
     import torch
 
-    dev = s["device"]
     nbytes = _copy_bytes(dev)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    times, per = _time(lambda: dst.copy_(src), s)
+    return nbytes, lambda: dst.copy_(src)
+
+
+def _copy_bandwidth(s):
+    """GB/s of dst.copy_(src) on a tensor well beyond the last-level cache (bytes read +
+    written), the yardstick for the memory-bound cases."""
+    nbytes, step = _copy_step(s["device"])
+    times, per = _time(step, s)
     st = _stats(times)
-    del src, dst
+    del step
     # the best sample: what the memory system can do (the cases are reported by their median)
     return {"bytes_per_copy": nbytes, "gbps": 2 * nbytes / (st["min_ms"] * 1e-3) / 1e9,
             "gbps_median": 2 * nbytes / (st["median_ms"] * 1e-3) / 1e9,
@@ -1071,16 +1076,14 @@ def _time_case_sequential(rec, trec, frecs, torch_fn, sets, direction, s, yard, 
 
 def _case_copy_step(rec):
     """(bytes moved per copy, step) for a CPU case whose rotated inputs exceed the last-level
-    cache: the copy yardstick's dst.copy_(src) (_copy_bytes), to be timed in the case's own
-    rounds; None for a case that runs from the cache (its time is not the memory's)."""
+    cache: the copy yardstick's copy (_copy_step), to be timed in the case's own rounds; None
+    for a case that runs from the cache (its time is not the memory's)."""
     import torch
 
     if rec["bytes"] * rec["input_sets"] < 2 * (_cache_bytes(3) or (32 << 20)):
         return None
-    nbytes = _copy_bytes(torch.device("cpu"))
-    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes, lambda: dst.copy_(src)
+    nbytes, step = _copy_step(torch.device("cpu"))
+    return 2 * nbytes, step
 
 
 def _time_case_cpu(rec, trec, frecs, torch_fn, sets, direction, s, yard, case):
