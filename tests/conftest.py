@@ -31,6 +31,14 @@ def tol(dtype, reduction=1):
     return rtol, atol * scale
 
 
+def unread_positions(size, k, s, p, d):
+    """Input positions along one dimension of `size` that no window of a kernel `k` with stride
+    `s`, padding `p` and dilation `d` reads."""
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    read = {o * s - p + t * d for o in range(out) for t in range(k)}
+    return [i for i in range(size) if i not in read]
+
+
 def assert_close(actual, expected, dtype=None, reduction=1, **kw):
     dtype = dtype or actual.dtype
     rtol, atol = tol(dtype, reduction)

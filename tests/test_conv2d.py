@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import reference
 
-from conftest import DEVICES, Snapshot, assert_close, is_channels_last
+from conftest import DEVICES, Snapshot, assert_close, is_channels_last, unread_positions
 
 ops = torch.ops.fastconv
 ALGOS = ["im2col", "direct"]
@@ -555,3 +555,43 @@ def test_double_backward_is_rejected():
     (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         gx.sum().backward()
+
+
+# (N, C, H, W, O, k, stride, padding, dilation, groups): shapes with input rows and columns that
+# no output window reads
+UNREAD_CASES = [
+    (2, 4, 12, 12, 6, 3, 2, 0, 1, 1),
+    (1, 4, 12, 14, 4, 2, 3, 1, 1, 2),
+    (1, 3, 12, 12, 5, 3, 2, 0, 2, 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("case", UNREAD_CASES, ids=str)
+def test_inputs_no_window_reads_do_not_reach_the_results(case, algo, channels_last, device):
+    """inf and NaN where no output window reads leave torch's results finite (grad_input 0
+    there); a kernel that multiplies such cells by a zero (0 * inf = NaN) instead of skipping
+    them fails."""
+    n, c, h, w, o, k, s, p, d, g = case
+    rows, cols = unread_positions(h, k, s, p, d), unread_positions(w, k, s, p, d)
+    assert rows and cols
+    x = torch.randn(n, c, h, w, dtype=torch.float64, device=device)
+    x[:, :, rows, :] = float("inf")
+    x[:, :, :, cols] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(o, c // g, k, k, dtype=torch.float64, device=device)
+    b = torch.randn(o, dtype=torch.float64, device=device)
+    conv = dict(stride=s, padding=p, dilation=d, groups=g)
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, wt, b))
+    out = fastconv.conv2d(xa, wa, ba, algo=algo, **conv)
+    go = torch.randn_like(out)
+    out.backward(go)
+    xt, wtt, bt = (t.clone().requires_grad_() for t in (x, wt, b))
+    ref = F.conv2d(xt, wtt, bt, **conv)
+    ref.backward(go)
+    assert torch.isfinite(ref).all() and torch.isfinite(wtt.grad).all()
+    for mine, theirs in ((out, ref), (xa.grad, xt.grad), (wa.grad, wtt.grad), (ba.grad, bt.grad)):
+        assert_close(mine, theirs, torch.float64)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import reference
 
-from conftest import DEVICES, Snapshot, assert_close, is_channels_last, ops_called
+from conftest import (DEVICES, Snapshot, assert_close, is_channels_last, ops_called,
+                      unread_positions)
 
 OPS = torch.ops.fastconv
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -579,3 +580,43 @@ def test_large_outputs_use_streaming_stores_correctly(k, layout):
     # the separate grad_input op streams too
     gi = OPS._depthwise_conv2d_grad_input(g, wt, list(x.shape), [1, 1], [k // 2] * 2, [1, 1])
     assert torch.equal(gi, xa.grad)
+
+
+# (N, C, m, H, W, k, stride, padding, dilation): shapes whose last rows / columns (or every
+# other one) no output reads
+UNREAD_CASES = [
+    (2, 4, 1, 12, 12, 3, 2, 0, 1),
+    (2, 3, 2, 12, 14, 2, 3, 1, 1),
+    (1, 16, 1, 12, 12, 3, 2, 0, 1),
+    (1, 3, 1, 14, 17, 5, 3, 1, 1),
+    (1, 4, 1, 12, 12, 3, 2, 0, 2),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", UNREAD_CASES,
+                         ids=lambda c: "c{1}m{2}_{3}x{4}_k{5}_s{6}_p{7}_d{8}".format(*c))
+def test_inputs_no_window_reads_do_not_reach_the_results(case, dtype, layout, device):
+    """inf and NaN where no output window reads: torch's results stay finite there (grad_input
+    0, grad_weight untouched), so a kernel that multiplies such cells by a zero grad_output
+    (0 * inf = NaN) instead of skipping them fails."""
+    n, c, m, h, w, k, s, p, d = case
+    x, wt, b = _make(n, c, m, h, w, k, dtype, device, layout=layout)
+    rows, cols = unread_positions(h, k, s, p, d), unread_positions(w, k, s, p, d)
+    assert rows and cols
+    x = x.detach().clone()
+    x[:, :, rows, :] = float("inf")
+    x[:, :, :, cols] = float("nan")
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, wt, b))
+    out = fastconv.depthwise_conv2d(xa, wa, ba, stride=s, padding=p, dilation=d)
+    g = torch.randn(out.shape, dtype=torch.float64, device=device).to(dtype)
+    out.backward(g)
+    t_out, t_gx, t_gw, t_gb = _truth(_torch_dw, x, wt, b, g, stride=s, padding=p, dilation=d)
+    assert torch.isfinite(t_out).all() and torch.isfinite(t_gw).all()
+    n_out = out.numel() // out.shape[-3]
+    assert_close(out, t_out, dtype, reduction=k * k)
+    assert_close(xa.grad, t_gx, dtype, reduction=k * k * m)
+    assert_close(wa.grad, t_gw, dtype, reduction=n_out)
+    assert_close(ba.grad, t_gb, dtype, reduction=n_out)

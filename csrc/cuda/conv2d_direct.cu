@@ -253,9 +253,11 @@ __global__ void __launch_bounds__(kSimpleThreads) conv2d_direct_forward_simple_k
     const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const DirectGeom<index_t> g,
     const index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
-  const index_t step = static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x);
-  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += step) {
+  // the element counter is 64-bit whatever index_t is: with up to kMaxBlocks blocks the stride
+  // (2^30) would carry a 32-bit counter past INT32_MAX before it passed `total`
+  const int64_t step = int64_t{blockDim.x} * gridDim.x;
+  for (int64_t e64 = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e64 < total; e64 += step) {
+    const index_t e = static_cast<index_t>(e64);
     const index_t ow = e % g.OW;
     index_t r = e / g.OW;
     const index_t oh = r % g.OH;
@@ -431,9 +433,9 @@ __global__ void __launch_bounds__(kSimpleThreads) conv2d_direct_grad_input_simpl
     const DirectGeom<index_t> g, const index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t taps = g.kh * g.kw;
-  const index_t step = static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x);
-  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += step) {
+  const int64_t step = int64_t{blockDim.x} * gridDim.x;  // 64-bit: see the forward's
+  for (int64_t e64 = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e64 < total; e64 += step) {
+    const index_t e = static_cast<index_t>(e64);
     const index_t iw = e % g.W;
     index_t r = e / g.W;
     const index_t ih = r % g.H;

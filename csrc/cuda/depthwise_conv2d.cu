@@ -821,12 +821,15 @@ __global__ void __launch_bounds__(kThreads) dw_grad_weight_tile_nchw_kernel(
         const scalar_t* go = grad_out + ((n0 + z) * out_channels + oc) * out_plane;
         const int ow = ow0 + col;
         acc_t gv[kRows];
+        bool valid[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           const int oh = oh0 + rg * kRows + r;
-          // outputs past the edge contribute nothing (their tile rows hold real data)
-          gv[r] = (oh < g.dst_h && ow < g.dst_w) ? static_cast<acc_t>(go[oh * g.dst_w + ow])
-                                                 : acc_t(0);
+          // outputs past the edge contribute nothing. Their products are skipped, not
+          // multiplied by zero: the tile cells they would read can hold input that no output
+          // reads, and 0 * inf would put a NaN in grad_weight where torch's is finite.
+          valid[r] = oh < g.dst_h && ow < g.dst_w;
+          gv[r] = valid[r] ? static_cast<acc_t>(go[oh * g.dst_w + ow]) : acc_t(0);
         }
         if (g.unit_h) {
           const scalar_t* base = tile_z + (rg * kRows) * g.pitch + shift + col * g.s_w;
@@ -839,7 +842,7 @@ __global__ void __launch_bounds__(kThreads) dw_grad_weight_tile_nchw_kernel(
 #pragma unroll
               for (int r = 0; r < kRows; ++r) {
                 const int kh = j - r;
-                if (kh >= 0 && kh < K) acc[kh * K + kw] += gv[r] * x;
+                if (kh >= 0 && kh < K && valid[r]) acc[kh * K + kw] += gv[r] * x;
               }
             }
           }
@@ -853,7 +856,7 @@ __global__ void __launch_bounds__(kThreads) dw_grad_weight_tile_nchw_kernel(
               const scalar_t* p = base + kh * g.d_h * g.pitch + kw * g.d_w;
 #pragma unroll
               for (int r = 0; r < kRows; ++r) {
-                acc[kh * K + kw] += gv[r] * static_cast<acc_t>(p[r * rstep]);
+                if (valid[r]) acc[kh * K + kw] += gv[r] * static_cast<acc_t>(p[r * rstep]);
               }
             }
           }
@@ -945,10 +948,12 @@ __global__ void __launch_bounds__(kThreads, sizeof(opmath_t<scalar_t>) == 8 ? 1 
       if (active && oh < g.oh) {
         const scalar_t* go = grad_out + (int64_t(n) * g.oh + oh) * g.ow * g.o + oc;
         acc_t gv[TW];
+        bool valid[TW];  // as in the NCHW kernel: past-the-edge products skipped, not zeroed
 #pragma unroll
         for (int e = 0; e < TW; ++e) {
           const int ow = ow0 + e;
-          gv[e] = ow < g.ow ? static_cast<acc_t>(go[ow * g.o]) : acc_t(0);
+          valid[e] = ow < g.ow;
+          gv[e] = valid[e] ? static_cast<acc_t>(go[ow * g.o]) : acc_t(0);
         }
         const scalar_t* tz = tile + cs;
         if (g.unit_w) {
@@ -961,7 +966,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(opmath_t<scalar_t>) == 8 ? 1 
 #pragma unroll
               for (int e = 0; e < TW; ++e) {
                 const int kw = j - e;
-                if (kw >= 0 && kw < K) acc[kh * K + kw] += gv[e] * x;
+                if (kw >= 0 && kw < K && valid[e]) acc[kh * K + kw] += gv[e] * x;
               }
             }
           }
@@ -973,8 +978,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(opmath_t<scalar_t>) == 8 ? 1 
             for (int kw = 0; kw < K; ++kw) {
 #pragma unroll
               for (int e = 0; e < TW; ++e) {
-                acc[kh * K + kw] +=
-                    gv[e] * static_cast<acc_t>(rowp[(e * g.s_w + kw * g.d_w) * g.cb]);
+                if (valid[e])
+                  acc[kh * K + kw] +=
+                      gv[e] * static_cast<acc_t>(rowp[(e * g.s_w + kw * g.d_w) * g.cb]);
               }
             }
           }
