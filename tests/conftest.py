@@ -39,6 +39,18 @@ def unread_positions(size, k, s, p, d):
     return [i for i in range(size) if i not in read]
 
 
+def poison_unread(x, k, s, p, d):
+    """A copy of the (N, C, H, W) tensor x with inf in the rows and NaN in the columns that no
+    window reads (square kernel k, stride s, padding p, dilation d); the shape must have some."""
+    rows = unread_positions(x.shape[-2], k, s, p, d)
+    cols = unread_positions(x.shape[-1], k, s, p, d)
+    assert rows and cols, "every row or every column is read: no place to poison"
+    x = x.detach().clone()
+    x[:, :, rows, :] = float("inf")
+    x[:, :, :, cols] = float("nan")
+    return x
+
+
 def assert_close(actual, expected, dtype=None, reduction=1, **kw):
     dtype = dtype or actual.dtype
     rtol, atol = tol(dtype, reduction)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import reference
 
-from conftest import DEVICES, Snapshot, assert_close, is_channels_last, unread_positions
+from conftest import DEVICES, Snapshot, assert_close, is_channels_last, poison_unread
 
 ops = torch.ops.fastconv
 ALGOS = ["im2col", "direct"]
@@ -575,11 +575,7 @@ def test_inputs_no_window_reads_do_not_reach_the_results(case, algo, channels_la
     there); a kernel that multiplies such cells by a zero (0 * inf = NaN) instead of skipping
     them fails."""
     n, c, h, w, o, k, s, p, d, g = case
-    rows, cols = unread_positions(h, k, s, p, d), unread_positions(w, k, s, p, d)
-    assert rows and cols
-    x = torch.randn(n, c, h, w, dtype=torch.float64, device=device)
-    x[:, :, rows, :] = float("inf")
-    x[:, :, :, cols] = float("nan")
+    x = poison_unread(torch.randn(n, c, h, w, dtype=torch.float64, device=device), k, s, p, d)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     wt = torch.randn(o, c // g, k, k, dtype=torch.float64, device=device)
