@@ -2,7 +2,7 @@
 
 Agreement (forward and every gradient) of every op in float64 / float32 with the CPU kernels
 and with torch.nn.functional; float16 / bfloat16 against a float64 reference computed from the
-same rounded inputs, tolerances scaled to the reduction length (conftest.tol); autocast;
+same rounded inputs, tolerances scaled to the reduction length (conftest.tol);
 CUDA-graph capture and replay; torch.compile(fullgraph=True); channels_last in -> out; outputs
 that a kernel forgot to write (NaN-poisoned memory); column-workspace chunking; determinism;
 and tensors with more than 2**31 elements (marked slow).
@@ -57,11 +57,6 @@ def _no_tf32():
 @pytest.mark.parametrize("name", OPS)
 def test_every_op_has_a_cuda_kernel(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv::{name}", "CUDA")
-
-
-@pytest.mark.parametrize("name", ["conv2d", "depthwise_conv2d"])
-def test_convolutions_have_an_autocast_cuda_kernel(name):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv::{name}", "AutocastCUDA")
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,57 +558,6 @@ def test_no_unwritten_outputs_with_nan_poisoned_allocator(layout):
     outs = _all_op_outputs(layout)
     for i, t in enumerate(outs):
         assert not torch.isnan(t).any(), f"output {i} ({tuple(t.shape)}) has unwritten elements"
-
-
-# --------------------------------------------------------------------------------------------
-# autocast
-# --------------------------------------------------------------------------------------------
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("algo", ["im2col", "direct", "auto"])
-def test_autocast_conv2d_matches_torch(algo, dtype):
-    x = torch.randn(2, 4, 10, 10, device="cuda", requires_grad=True)
-    w = torch.randn(6, 2, 3, 3, device="cuda", requires_grad=True)
-    b = torch.randn(6, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=dtype):
-        y = fastconv.conv2d(x, w, b, 1, 1, groups=2, algo=algo)
-        ref = F.conv2d(x, w, b, 1, 1, groups=2)
-    assert y.dtype == ref.dtype == dtype
-    assert_close(y, ref.float(), dtype=dtype, reduction=18)
-    gy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, w, b), gy)
-    ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
-    for g, r, red in zip(grads, ref_grads, (3 * 9, 2 * 100, 2 * 100)):
-        assert g.dtype == torch.float32  # back to the leaves' dtype, as with torch's conv
-        assert_close(g, r, dtype=dtype, reduction=red)
-
-
-@needs_gpu
-def test_autocast_depthwise_and_max_pool2d_match_torch():
-    x = torch.randn(2, 4, 9, 9, device="cuda")
-    w = torch.randn(8, 1, 3, 3, device="cuda")
-    with torch.autocast("cuda"):
-        y = fastconv.depthwise_conv2d(x, w, None, 1, 1)
-        ref = F.conv2d(x, w, None, 1, 1, groups=4)
-        p = fastconv.max_pool2d(x, 2)
-        p_ref = F.max_pool2d(x, 2)
-    assert y.dtype == ref.dtype == torch.float16
-    assert_close(y, ref.float(), dtype=torch.float16, reduction=9)
-    assert p.dtype == p_ref.dtype == torch.float32  # pooling runs in its input's dtype
-    assert torch.equal(p, p_ref)
-
-
-@needs_gpu
-def test_autocast_leaves_float64_alone():
-    x = torch.randn(1, 2, 6, 6, device="cuda", dtype=torch.float64)
-    w = torch.randn(3, 2, 3, 3, device="cuda", dtype=torch.float64)
-    with torch.autocast("cuda"):
-        y = fastconv.conv2d(x, w, algo="im2col")
-        ref = F.conv2d(x, w)
-    assert y.dtype == ref.dtype == torch.float64
-    assert_close(y, ref, reduction=18)
 
 
 # --------------------------------------------------------------------------------------------
