@@ -591,3 +591,33 @@ def test_inputs_no_window_reads_do_not_reach_the_results(case, algo, channels_la
     assert torch.isfinite(ref).all() and torch.isfinite(wtt.grad).all()
     for mine, theirs in ((out, ref), (xa.grad, xt.grad), (wa.grad, wtt.grad), (ba.grad, bt.grad)):
         assert_close(mine, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_non_finite_input_stays_where_torch_puts_it(algo, channels_last, device):
+    """An inf in the input's last column (and a NaN in its last row) reaches only the weight
+    gradient's taps whose windows read it, as in torch; a kernel that runs its sums past a
+    row's end (the direct kernels' padded grid) must skip those columns, not multiply them by
+    a zero grad_output (0 * inf = NaN in the other taps)."""
+    for k, s, p, d, g, w in ((2, 1, 0, 1, 1, 3), (3, 1, 1, 1, 2, 21), (3, 1, 0, 2, 1, 37),
+                             (3, 2, 0, 1, 1, 19)):
+        x = torch.randn(2, 4, 9, w, dtype=torch.float64, device=device)
+        x[:, 1, 3, -1] = float("inf")
+        x[0, 2, -1, 1] = float("nan")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        wt = torch.randn(6, 4 // g, k, k, dtype=torch.float64, device=device)
+        conv = dict(stride=s, padding=p, dilation=d, groups=g)
+        xa, wa = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        out = fastconv.conv2d(xa, wa, algo=algo, **conv)
+        go = torch.rand(out.shape, dtype=torch.float64, device=device) + 0.5
+        out.backward(go)
+        xt, wtt = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        ref = F.conv2d(xt, wtt, **conv)
+        ref.backward(go)
+        assert torch.isfinite(wtt.grad).any() and not torch.isfinite(wtt.grad).all()
+        for mine, theirs in ((out, ref), (xa.grad, xt.grad), (wa.grad, wtt.grad)):
+            assert torch.equal(torch.isfinite(mine), torch.isfinite(theirs))
+            assert_close(mine, theirs, torch.float64)

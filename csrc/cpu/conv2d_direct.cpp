@@ -9,9 +9,10 @@
 //   grad_input:  the same correlation over grad_output padded by the (dilated) kernel extent,
 //                with the kernel flipped and transposed: a gather (each input element is
 //                produced once by its own work item), no atomics.
-//   grad_weight: dW[o, c, i, j] = sum_n dot(grad_output grid (junk columns zeroed), xpad
-//                shifted by (i, j)), summed in a fixed order in 16 lanes: deterministic and
-//                independent of the thread count.
+//   grad_weight: dW[o, c, i, j] = sum_n dot(grad_output, xpad shifted by (i, j)) over the
+//                grid's real columns row by row (the junk ones are skipped, not multiplied by
+//                zero: the input they meet may be inf), summed in a fixed order in 16 lanes:
+//                deterministic and independent of the thread count.
 // Work items: (image, block of 4 output planes) for the correlations, with the grid cut into
 // chunks of rows so the 4 accumulator chunks and the source rows stay in L1; (o, c) pairs for
 // grad_weight. All parallelised with at::parallel_for. bfloat16 is converted to float32 once
@@ -206,11 +207,11 @@ void grad_weight_grid(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor xpad = pad_planes<scalar_t, acc_t>(
       input.const_data_ptr<scalar_t>(), s.batch * s.in_channels, s.in_h, s.in_w, s.pad_h,
       s.pad_w, Hs, Ws, plane_size, opts);
-  // grad_output on the same grid (rows Ws apart), zeros in the junk columns
-  const int64_t grid = s.out_h * Ws;
+  // grad_output in acc_t, rows OW apart: only the grid's real columns are read
+  const int64_t grid = s.out_h * s.out_w;
   const at::Tensor gogrid = pad_planes<scalar_t, acc_t>(
       grad_output.const_data_ptr<scalar_t>(), s.batch * s.out_channels, s.out_h, s.out_w, 0, 0,
-      s.out_h, Ws, grid, opts);
+      s.out_h, s.out_w, grid, opts);
   const acc_t* xp = xpad.const_data_ptr<acc_t>();
   const acc_t* gp = gogrid.const_data_ptr<acc_t>();
   const int64_t C = s.in_channels, O = s.out_channels, G = s.groups;
@@ -227,13 +228,19 @@ void grad_weight_grid(const at::Tensor& grad_output, const at::Tensor& input,
         for (int64_t i = 0; i < s.kernel_h; ++i) {
           for (int64_t j = 0; j < s.kernel_w; ++j) {
             const acc_t* xs = xplane + i * s.dil_h * Ws + j * s.dil_w;
-            // a local lane array (no aliasing with the inputs) becomes one vector register
+            // a local lane array (no aliasing with the inputs) becomes one vector register.
+            // Row by row over the OW real columns: a junk column's grad_output is zero, but the
+            // input it meets there may be inf or NaN, and 0 * inf must not reach the sum.
             acc_t part[kLanes] = {};
-            int64_t e = 0;
-            for (; e + kLanes <= grid; e += kLanes) {
-              for (int64_t v = 0; v < kLanes; ++v) part[v] += g[e + v] * xs[e + v];
+            for (int64_t r = 0; r < s.out_h; ++r) {
+              const acc_t* gr = g + r * s.out_w;
+              const acc_t* xr = xs + r * Ws;
+              int64_t e = 0;
+              for (; e + kLanes <= s.out_w; e += kLanes) {
+                for (int64_t v = 0; v < kLanes; ++v) part[v] += gr[e + v] * xr[e + v];
+              }
+              for (int64_t v = 0; e + v < s.out_w; ++v) part[v] += gr[e + v] * xr[e + v];
             }
-            for (int64_t v = 0; e + v < grid; ++v) part[v] += g[e + v] * xs[e + v];
             acc_t* l = lanes.data() + (i * s.kernel_w + j) * kLanes;
             for (int64_t v = 0; v < kLanes; ++v) l[v] += part[v];
           }
