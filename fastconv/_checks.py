@@ -7,7 +7,7 @@ normalisation.
 
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Sequence, Tuple
 
 import torch
@@ -58,28 +58,40 @@ def check_same(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
         )
 
 
+def as_int(value):
+    """value as a Python int (or the SymInt itself) if it is an integer as torch's int
+    arguments take them: an int, a numpy integer, an integer tensor of one element (anything
+    with __index__), but not a bool; None otherwise."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, RuntimeError):
+        return None
+
+
 def pair(op: str, name: str, value, min_value: int) -> Tuple[int, int]:
     """Normalise an int or a 1/2-element sequence to a pair of Python ints and range-check it."""
-    if isinstance(value, bool):
-        raise TypeError(f"{op}: expected {name} to be an int or a tuple of 2 ints, but got {value!r}")
-    if isinstance(value, (numbers.Integral, torch.SymInt)):
-        v = (value, value)
-    elif isinstance(value, (tuple, list, torch.Size)):
-        if not all(isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool)
-                   for x in value):
-            raise TypeError(
-                f"{op}: expected {name} to be an int or a tuple of 2 ints, but got {value!r}"
-            )
-        if len(value) == 1:
-            v = (value[0], value[0])
-        elif len(value) == 2:
-            v = (value[0], value[1])
+    def bad():
+        return TypeError(f"{op}: expected {name} to be an int or a tuple of 2 ints, but got {value!r}")
+
+    if isinstance(value, (tuple, list, torch.Size)):
+        items = [as_int(x) for x in value]
+        if any(x is None for x in items):
+            raise bad()
+        if len(items) == 1:
+            v = (items[0], items[0])
+        elif len(items) == 2:
+            v = (items[0], items[1])
         else:
             raise ValueError(f"{op}: expected {name} to have 2 elements, but got {len(value)}: {list(value)}")
     else:
-        raise TypeError(f"{op}: expected {name} to be an int or a tuple of 2 ints, but got {value!r}")
-    v = (int(v[0]) if isinstance(v[0], numbers.Integral) else v[0],
-         int(v[1]) if isinstance(v[1], numbers.Integral) else v[1])
+        one = as_int(value)
+        if one is None:
+            raise bad()
+        v = (one, one)
     check_pair(op, name, v, min_value)
     return v
 
@@ -116,6 +128,19 @@ def pool_output_size(size, k, s, p, d, ceil_mode):
     if ceil_mode and (out - 1) * s >= size + p:
         out = out - 1
     return out
+
+
+_INT64_MAX = 2**63 - 1
+_INT_MAX = 2**31 - 1
+
+
+def check_window_fits(op, dim, size, kernel, padding, dilation):
+    """Twin of checks.h: the padded size and the dilated kernel size must fit in int64."""
+    if size + 2 * padding > _INT64_MAX or dilation * (kernel - 1) + 1 > _INT64_MAX:
+        raise ValueError(
+            f"{op}: expected the padded input {dim} ({size} + 2 * {padding}) and the dilated "
+            f"kernel {dim} ({dilation} * ({kernel} - 1) + 1) to fit in int64"
+        )
 
 
 def conv2d_shapes(op, input_sizes, weight_sizes, stride, padding, dilation, groups):
@@ -155,6 +180,8 @@ def conv2d_shapes(op, input_sizes, weight_sizes, stride, padding, dilation, grou
             f"{op}: expected weight.size(1) * groups == input channels, but got {cg} * {groups} != {c} "
             f"(input shape {input_sizes}, weight shape {weight_sizes})"
         )
+    check_window_fits(op, "height", h, kh, padding[0], dilation[0])
+    check_window_fits(op, "width", w, kw, padding[1], dilation[1])
     ekh, ekw = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     ph, pw = h + 2 * padding[0], w + 2 * padding[1]
     if not (ekh <= ph and ekw <= pw):
@@ -220,6 +247,13 @@ def max_pool2d_shapes(op, input_sizes, kernel_size, stride, padding, dilation, c
     check_pair(op, "stride", stride, 1)
     check_pair(op, "padding", padding, 0)
     check_pair(op, "dilation", dilation, 1)
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
+                    ("dilation", dilation)):
+        if not (v[0] <= _INT_MAX and v[1] <= _INT_MAX):
+            raise ValueError(
+                f"{op}: expected {name} to be at most {_INT_MAX} (a C int, as in torch), but got "
+                f"{list(v)}"
+            )
     if not (padding[0] <= kernel_size[0] // 2 and padding[1] <= kernel_size[1] // 2):
         raise ValueError(
             f"{op}: expected padding to be at most half of kernel_size, but got padding "

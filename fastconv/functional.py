@@ -73,8 +73,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     C.check_tensor(op, "weight", weight)
     if bias is not None:
         C.check_tensor(op, "bias", bias)
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    groups_int = C.as_int(groups)
+    if groups_int is None:
         raise TypeError(f"{op}: expected groups to be an int, but got {groups!r}")
+    groups = groups_int
     stride = C.pair(op, "stride", stride, 1)
     dilation = C.pair(op, "dilation", dilation, 1)
     x, pad = _resolve_padding(op, x, weight, padding, stride, dilation)

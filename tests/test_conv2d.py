@@ -451,6 +451,9 @@ ERRORS = [
     (dict(w=torch.randn(6, 2, 7, 3)), ValueError, r"kernel size \(7 x 3\) to be at most the padded"),
     (dict(w=torch.randn(6, 2, 3, 3), dilation=(3, 1)), ValueError,
      r"kernel size \(7 x 3\) to be at most the padded"),
+    (dict(dilation=(2**62, 1)), ValueError,
+     r"dilated kernel height \(4611686018427387904 \* \(3 - 1\) \+ 1\) to fit in int64"),
+    (dict(padding=(0, 2**62)), ValueError, r"expected the padded input width .* to fit in int64"),
     (dict(padding=(-1, 0)), ValueError, "expected padding to be non-negative"),
     (dict(stride=(0, 1)), ValueError, "expected stride to be positive"),
     (dict(stride=(1, -2)), ValueError, "expected stride to be positive"),
@@ -503,6 +506,20 @@ def test_errors_padding_and_pairs():
         ops.conv2d(X, W, None, [1, 1, 1], [0, 0], [1, 1], 2, "auto")
     with pytest.raises(TypeError, match="expected groups to be an int"):
         fastconv.conv2d(X, W, groups=2.0)
+    for bad in (True, 1.0, torch.tensor(1.0), torch.tensor(True)):
+        with pytest.raises(TypeError, match="expected stride to be an int or a tuple of 2 ints"):
+            fastconv.conv2d(X, W, groups=2, stride=bad)
+
+
+def test_integer_arguments_as_torch_takes_them():
+    # numpy integers and one-element integer tensors, like torch's int arguments
+    np = pytest.importorskip("numpy")
+    ref = F.conv2d(X, W, None, 2, 1, 1, 2)
+    for kw in (dict(stride=np.int64(2), padding=(np.int32(1), 1), groups=np.int64(2)),
+               dict(stride=torch.tensor(2), padding=torch.tensor(1), groups=torch.tensor(2))):
+        torch.testing.assert_close(fastconv.conv2d(X, W, **kw), ref)
+    torch.testing.assert_close(fastconv.max_pool2d(X, np.int64(3), torch.tensor(2)),
+                               F.max_pool2d(X, 3, 2))
     with pytest.raises(ValueError, match="expected algo to be one of"):
         fastconv.conv2d(X, W, groups=2, algo="fft")
 

@@ -436,6 +436,11 @@ def _op(x, kernel_size=(3, 3), stride=(2, 2), padding=(0, 0), dilation=(1, 1), c
         ({"kernel_size": 3, "padding": -1}, "expected padding to be non-negative"),
         ({"kernel_size": 7}, "the output would be empty"),
         ({"kernel_size": 3, "dilation": 3}, "the output would be empty"),
+        # torch takes these as C ints; 2**62 * (5 - 1) would overflow the size formula
+        ({"kernel_size": (5, 1), "dilation": (2**62, 1)},
+         r"expected dilation to be at most 2147483647 \(a C int, as in torch\)"),
+        ({"kernel_size": 2**31}, "expected kernel_size to be at most 2147483647"),
+        ({"kernel_size": 3, "stride": 2**31}, "expected stride to be at most 2147483647"),
     ],
 )
 def test_argument_errors(kwargs, match):
@@ -524,3 +529,24 @@ def test_backward_op_errors():
     with pytest.raises(TypeError, match="expected input to have dtype"):
         torch.ops.fastconv._max_pool2d_backward(
             g.long(), x.long(), good, [3, 3], [2, 2], [1, 1], [1, 1], False)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kernel_larger_than_the_input(layout):
+    """A kernel_size far past the input (padding up to half of it, as torch allows): the
+    kernels drop the taps that only ever see padding (checks.h), and must still give torch's
+    values, indices and gradient."""
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for args in (((1000, 2**20), 1, (500, 2**19 - 1)), ((7, 41), (2, 3), (3, 20), 1, True), ((9, 3), 1, (4, 1), (1, 2))):
+        out, idx = fastconv.max_pool2d(x, *args, return_indices=True)
+        ref, ref_idx = F.max_pool2d(x, *args, return_indices=True)
+        assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+        assert torch.isfinite(ref).all()  # every window reads the input (torch's backward is
+        # only safe then)
+        xa, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn_like(ref)
+        fastconv.max_pool2d(xa, *args).backward(g)
+        F.max_pool2d(xt, *args).backward(g)
+        torch.testing.assert_close(xa.grad, xt.grad, rtol=0, atol=0)

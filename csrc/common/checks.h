@@ -5,8 +5,12 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <algorithm>
+#include <limits>
 #include <string>
+#include <utility>
 
 #include "common/shape.h"
 
@@ -64,6 +68,22 @@ inline void check_pair(const char* op, const char* name, at::IntArrayRef v, int6
       (min_value > 0 ? "positive" : "non-negative"), ", but got ", v);
 }
 
+// One dimension's padded input size (size + 2 * padding) and dilated kernel size
+// (dilation * (kernel - 1) + 1) must fit in int64, or the output-size formulas overflow and a
+// bad call would run with garbage sizes.
+inline void check_window_fits(const char* op, const char* dim, int64_t size, int64_t kernel,
+                              int64_t padding, int64_t dilation) {
+  int64_t twice = 0, padded = 0, extent = 0;
+  const bool overflow = c10::mul_overflows(padding, int64_t{2}, &twice) ||
+      c10::add_overflows(size, twice, &padded) ||
+      c10::mul_overflows(dilation, kernel - 1, &extent) ||
+      c10::add_overflows(extent, int64_t{1}, &extent);
+  TORCH_CHECK_VALUE(
+      !overflow, op, ": expected the padded input ", dim, " (", size, " + 2 * ", padding,
+      ") and the dilated kernel ", dim, " (", dilation, " * (", kernel, " - 1) + 1) to fit in "
+      "int64");
+}
+
 // Validates a (grouped) conv2d call and returns its sizes. `input_sizes`/`weight_sizes` are
 // passed separately so the backward ops (which get a size list instead of a tensor) share it.
 inline Conv2dShape check_conv2d_shapes(
@@ -112,6 +132,8 @@ inline Conv2dShape check_conv2d_shapes(
       ": expected weight.size(1) * groups == input channels, but got ", weight_sizes[1], " * ",
       groups, " != ", s.in_channels, " (input shape ", input_sizes, ", weight shape ",
       weight_sizes, ")");
+  check_window_fits(op, "height", s.in_h, s.kernel_h, s.pad_h, s.dil_h);
+  check_window_fits(op, "width", s.in_w, s.kernel_w, s.pad_w, s.dil_w);
   const int64_t ekh = s.dil_h * (s.kernel_h - 1) + 1;
   const int64_t ekw = s.dil_w * (s.kernel_w - 1) + 1;
   TORCH_CHECK_VALUE(
@@ -213,6 +235,14 @@ inline Pool2dShape check_max_pool2d_shapes(
   check_pair(op, "stride", stride, 1);
   check_pair(op, "padding", padding, 0);
   check_pair(op, "dilation", dilation, 1);
+  // torch's max_pool2d takes these as C ints; so do the kernels' int32 tap arithmetic.
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  for (const auto& [name, v] : {std::pair<const char*, at::IntArrayRef>{"kernel_size", kernel_size},
+                                {"stride", stride}, {"padding", padding}, {"dilation", dilation}}) {
+    TORCH_CHECK_VALUE(
+        v[0] <= kIntMax && v[1] <= kIntMax, op, ": expected ", name, " to be at most ",
+        kIntMax, " (a C int, as in torch), but got ", v);
+  }
   TORCH_CHECK_VALUE(
       padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
       ": expected padding to be at most half of kernel_size, but got padding ", padding,
@@ -240,6 +270,12 @@ inline Pool2dShape check_max_pool2d_shapes(
       s.in_w, " with kernel_size ", kernel_size, ", stride ", stride, ", padding ", padding,
       ", dilation ", dilation, " gives output size ", s.out_h, " x ", s.out_w,
       "; expected a positive output size");
+  // Kernel taps t with t * dilation - padding >= size lie past the input for every window
+  // (each starts at o * stride - padding >= -padding): they only ever see padding, which never
+  // wins. Dropping them changes no value or index and keeps the kernels' per-tap tables and
+  // loops at the input's size when a huge kernel_size covers the whole input.
+  s.kernel_h = std::min(s.kernel_h, (s.in_h - 1 + s.pad_h) / s.dil_h + 1);
+  s.kernel_w = std::min(s.kernel_w, (s.in_w - 1 + s.pad_w) / s.dil_w + 1);
   return s;
 }
 
