@@ -186,3 +186,19 @@ def test_vmap_matches_a_loop(channels_last):
                 assert torch.equal(o, torch.stack(r))
         else:
             assert torch.equal(out, torch.stack(ref))
+
+
+@pytest.mark.parametrize("make", [_simplecnn, _mbconv], ids=["simplecnn", "mbconv"])
+def test_export_and_trace_give_the_eager_results(make):
+    """torch.export and torch.jit.trace record the fastconv ops themselves (README's support
+    matrix); torch.jit.script does not take fastconv's modules (their forward is Python)."""
+    model = make().eval()
+    x = torch.randn(2, 3 if make is _simplecnn else 4, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        exported = torch.export.export(model, (x,))
+        assert any(str(n.target).startswith("fastconv.") for n in exported.graph.nodes)
+        assert_close(exported.module()(x), ref)
+        traced = torch.jit.trace(model, (x,))
+        assert "fastconv::" in str(traced.inlined_graph)
+        assert_close(traced(x), ref)
