@@ -188,6 +188,7 @@ def test_vmap_matches_a_loop(channels_last):
             assert torch.equal(out, torch.stack(ref))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")
 @pytest.mark.parametrize("make", [_simplecnn, _mbconv], ids=["simplecnn", "mbconv"])
 def test_export_and_trace_give_the_eager_results(make):
     """torch.export and torch.jit.trace record the fastconv ops themselves (README's support

@@ -464,7 +464,7 @@ ERRORS = [
      "expected input to have dtype float32, float64 or bfloat16 on cpu"),
     (dict(x=X.to(torch.int64), w=W.to(torch.int64)), TypeError, "expected input to have dtype"),
     (dict(x=X.half(), w=W.half()), TypeError,
-     "expected input to have dtype float32, float64 or bfloat16 on cpu, but got .*Half"),
+     "expected input to have dtype float32, float64 or bfloat16 on cpu, but got torch.float16"),
     (dict(algo="winograd"), ValueError, "expected algo to be one of 'auto', 'im2col', 'direct'"),
 ]
 

@@ -28,6 +28,25 @@ struct Pool2dShape {
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
 };
 
+// torch's Python spelling of a dtype, so C++ messages read like the fake kernel's.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline std::string dtype_list(bool cuda) {
   return cuda ? "float32, float64, float16 or bfloat16" : "float32, float64 or bfloat16";
 }
@@ -40,7 +59,7 @@ inline void check_dtype(const char* op, const char* name, const at::Tensor& t) {
       (cuda && st == at::kHalf);
   TORCH_CHECK_TYPE(
       ok, op, ": expected ", name, " to have dtype ", dtype_list(cuda), " on ",
-      t.device().type(), ", but got ", st);
+      t.device().type(), ", but got ", py_dtype(st));
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
@@ -54,7 +73,7 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
                        const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK(
       t.scalar_type() == ref.scalar_type(), op, ": expected ", name, " to have the same dtype as ",
-      ref_name, " (", ref.scalar_type(), "), but got ", t.scalar_type());
+      ref_name, " (", py_dtype(ref.scalar_type()), "), but got ", py_dtype(t.scalar_type()));
   TORCH_CHECK(
       t.device() == ref.device(), op, ": expected ", name, " to be on the same device as ",
       ref_name, " (", ref.device(), "), but got ", t.device());

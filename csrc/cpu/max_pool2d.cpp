@@ -1266,25 +1266,6 @@ void max_pool2d_backward_channels_last(const scalar_t* g, const index_t* idx, sc
 // Entry points
 // ------------------------------------------------------------------------------------------
 
-// torch's Python spelling of a dtype, so C++ messages read like the fake kernel's.
-std::string py_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
 template <typename scalar_t, PoolIndices M>
 void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, void* ip, const Pool2dShape& s) {
 #ifdef FASTCONV_MP_AVX512
