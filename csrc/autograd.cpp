@@ -18,12 +18,19 @@
 // - max_pool2d: _max_pool2d_backward from the forward's indices (an integer output, so never
 //   differentiable; not marked as such, which compiled autograd does not accept).
 // Each gradient is computed only when autograd needs it (needs_input_grad).
+//
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd): the ops are linear in
+// each tensor argument, so an output's tangent is the op applied to the tangents (conv:
+// conv(dx, w) + conv(x, dw) + db; max_pool2d: dx gathered at the forward's indices), computed
+// with the ops themselves and attached to the output (level 0, as torch's own formulas do).
+// The primal values run through the reverse-mode path above, so both modes compose.
 
 #include "common/ops.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -49,6 +56,32 @@ template <typename... Ts>
 bool needs_graph(const Ts&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
+
+// The tangent a tensor argument carries for forward-mode AD (undefined if none), and the
+// tensor without it (a view that keeps its reverse-mode history).
+at::Tensor tangent(const at::Tensor& t) { return t.defined() ? t._fw_grad(/*level=*/0) : t; }
+at::Tensor tangent(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? tangent(*t) : at::Tensor();
+}
+at::Tensor primal(const at::Tensor& t) {
+  return tangent(t).defined() ? t._fw_primal(/*level=*/0) : t;
+}
+c10::optional<at::Tensor> primal(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return primal(*t);
+}
+
+// The output's tangent from the linear terms of each argument's tangent (undefined terms are
+// zero), attached to the output. `bias_tangent` is broadcast over (N, H, W).
+void set_conv_tangent(at::Tensor& out, at::Tensor t, const at::Tensor& bias_tangent) {
+  if (bias_tangent.defined()) {
+    const at::Tensor b = bias_tangent.view({1, -1, 1, 1});
+    t = t.defined() ? t.add(b) : b.expand(out.sizes()).clone(out.suggest_memory_format());
+  }
+  out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+}
+
+at::Tensor add_terms(const at::Tensor& a, const at::Tensor& b) { return a.defined() ? a.add(b) : b; }
 
 // In a backward, grad mode is on only under create_graph=True. Then the backward ops run
 // through their own autograd kernels (Python), which make a backward through them raise
@@ -164,6 +197,21 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, IntArrayRef stride,
                            IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                            c10::string_view algo) {
+  const at::Tensor tx = tangent(input), tw = tangent(weight), tb = tangent(bias);
+  if (tx.defined() || tw.defined() || tb.defined()) {
+    const at::Tensor x = primal(input), w = primal(weight);
+    at::Tensor out = conv2d_autograd(x, w, primal(bias), stride, padding, dilation, groups, algo);
+    at::Tensor t;
+    if (tx.defined()) {
+      t = conv2d_op().call(tx, w, c10::nullopt, stride, padding, dilation, groups, algo);
+    }
+    if (tw.defined()) {
+      t = add_terms(t, conv2d_op().call(x, tw, c10::nullopt, stride, padding, dilation, groups,
+                                        algo));
+    }
+    set_conv_tangent(out, t, tb);
+    return out;
+  }
   if (!needs_graph(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups, algo);
@@ -206,6 +254,18 @@ struct DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction> {
 at::Tensor depthwise_autograd(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, IntArrayRef stride,
                               IntArrayRef padding, IntArrayRef dilation) {
+  const at::Tensor tx = tangent(input), tw = tangent(weight), tb = tangent(bias);
+  if (tx.defined() || tw.defined() || tb.defined()) {
+    const at::Tensor x = primal(input), w = primal(weight);
+    at::Tensor out = depthwise_autograd(x, w, primal(bias), stride, padding, dilation);
+    at::Tensor t;
+    if (tx.defined()) t = depthwise_op().call(tx, w, c10::nullopt, stride, padding, dilation);
+    if (tw.defined()) {
+      t = add_terms(t, depthwise_op().call(x, tw, c10::nullopt, stride, padding, dilation));
+    }
+    set_conv_tangent(out, t, tb);
+    return out;
+  }
   if (!needs_graph(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return depthwise_op().call(input, weight, bias, stride, padding, dilation);
@@ -216,6 +276,16 @@ at::Tensor depthwise_autograd(const at::Tensor& input, const at::Tensor& weight,
 // ---------------------------------------------------------------------------------------------
 // max_pool2d
 // ---------------------------------------------------------------------------------------------
+
+// Along one dimension: whether output position o's window has a tap inside [0, size).
+// Tensor ops only (no data pointers): under torch.func the result is a functorch wrapper.
+at::Tensor window_reads_input(int64_t out, int64_t size, int64_t k, int64_t s, int64_t p,
+                              int64_t d, const at::TensorOptions& opts) {
+  const at::Tensor start = at::arange(out, opts.dtype(at::kLong)).mul(s).sub(p);
+  // the first tap at or past position 0: ceil(-start / d) for a window starting in padding
+  const at::Tensor t0 = start.neg().add(d - 1).div(d, "floor").clamp_min(0);
+  return t0.lt(k).logical_and(start.add(t0.mul(d)).lt(size));
+}
 
 struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
@@ -266,6 +336,33 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& input,
                                                        IntArrayRef stride, IntArrayRef padding,
                                                        IntArrayRef dilation, bool ceil_mode,
                                                        c10::string_view indices) {
+  const at::Tensor tx = tangent(input);
+  if (tx.defined()) {
+    const at::Tensor x = primal(input);
+    auto [out, idx] = max_pool2d_autograd(x, kernel_size, stride, padding, dilation, ceil_mode,
+                                          indices);
+    at::Tensor full = idx;
+    if (indices != "full") {
+      at::AutoDispatchBelowADInplaceOrView below;
+      full = std::get<1>(max_pool2d_op().call(x, kernel_size, stride, padding, dilation,
+                                              ceil_mode, "full"));
+    }
+    // A window that reads no input (-inf; its index is where its scan would start, maybe
+    // another element or past the plane) has tangent 0.
+    const int64_t plane = x.size(2) * x.size(3);
+    const at::Tensor reads =
+        window_reads_input(out.size(2), x.size(2), kernel_size[0], stride[0], padding[0],
+                           dilation[0], x.options())
+            .view({-1, 1})
+            .logical_and(window_reads_input(out.size(3), x.size(3), kernel_size[1], stride[1],
+                                            padding[1], dilation[1], x.options()));
+    const at::Tensor t = tx.flatten(2)
+                             .gather(2, full.flatten(2).clamp(0, std::max<int64_t>(plane - 1, 0)))
+                             .view(out.sizes())
+                             .masked_fill(reads.logical_not(), 0);
+    out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+    return {out, idx};
+  }
   if (!needs_graph(input)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return max_pool2d_op().call(input, kernel_size, stride, padding, dilation, ceil_mode,
