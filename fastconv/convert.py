@@ -91,7 +91,8 @@ class ConversionReport:
 
 def _unsupported_reason(module: torch.nn.Module) -> Optional[str]:
     """Why fastconv cannot run `module`'s parameters, or None. Pools have no parameters: they
-    follow whatever the input is, and a bad input dtype fails with fastconv's message."""
+    are always converted, and fastconv.nn.MaxPool2d hands an input dtype fastconv has no
+    kernel for to torch's."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None

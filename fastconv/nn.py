@@ -3,7 +3,11 @@
 Each layer has the torch constructor, the same parameters (names, shapes, initialisation for a
 given seed), the same state_dict and the same semantics; only the forward runs fastconv's
 kernels. `isinstance(layer, torch.nn.Conv2d)` stays true, so code that walks a model looking
-for convolutions (weight init, fusing, pruning) still finds them.
+for convolutions with isinstance (weight init, pruning) still finds them; code that matches
+exact types does not (`torch.ao.quantization.fuse_modules` looks its fusers up by type:
+`fastconv.revert` the model first). MaxPool2d runs torch's kernel for an input dtype fastconv
+has no kernel for on its device (float16 or integers on CPU), as a model that is converted
+without knowing its input dtype must keep working.
 
     conv = fastconv.nn.Conv2d(3, 16, 3, padding=1, algo="im2col")
     dw = fastconv.nn.DepthwiseConv2d(16, 3, padding=1, depth_multiplier=2)   # 16 -> 32
@@ -192,6 +196,9 @@ class MaxPool2d(torch.nn.MaxPool2d):
     gives torch's int64 indices h * W + w per plane; ceil_mode follows torch's rule)."""
 
     def forward(self, input: torch.Tensor):
+        if (isinstance(input, torch.Tensor) and input.device.type != "meta"
+                and input.dtype not in C.supported_dtypes(input.device.type)):
+            return super().forward(input)  # no fastconv kernel for this dtype: torch's (above)
         return FC.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 

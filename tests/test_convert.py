@@ -365,6 +365,19 @@ def test_unsupported_dtype_skipped():
     assert "float16" in s.reason and "not supported on cpu" in s.reason
 
 
+def test_a_float16_model_still_runs_after_convert():
+    # The convs are skipped (no float16 CPU kernels); the pool is swapped, as convert cannot
+    # know the input's dtype, and hands float16 input to torch's kernel.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2, return_indices=True))
+    model.half()
+    fast = fastconv.convert(model)
+    assert type(fast[0]) is nn.Conv2d and type(fast[2]) is fnn.MaxPool2d
+    x = torch.randn(2, 3, 9, 9).half()
+    (out, idx), (ref, ref_idx) = fast(x), model(x)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+
+
 def test_already_converted_skipped():
     model, _ = _make("depthwise_separable")
     fast = fastconv.convert(model)

@@ -289,6 +289,17 @@ def test_maxpool_matches_torch(kernel_size, stride, padding, dilation, ceil_mode
     assert isinstance(fast(x), tuple) == return_indices
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int32, torch.int64, torch.uint8])
+def test_maxpool_runs_torch_kernel_for_dtypes_fastconv_lacks(dtype):
+    pool = fnn.MaxPool2d(3, 2, 1, return_indices=True)
+    x = (torch.randn(2, 3, 9, 8) * 50).to(dtype)
+    (out, idx), (ref, ref_idx) = pool(x), torch.nn.MaxPool2d(3, 2, 1, return_indices=True)(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    with pytest.raises(TypeError, match="expected input to have dtype"):
+        fastconv.max_pool2d(x, 3, 2, 1)  # the function itself does not fall back
+
+
 def test_maxpool_ties_pick_first_index():
     x = torch.zeros(1, 1, 4, 4, dtype=F64)
     fast, ref = fnn.MaxPool2d(2, return_indices=True), torch.nn.MaxPool2d(2, return_indices=True)
