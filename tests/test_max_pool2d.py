@@ -561,3 +561,20 @@ def test_kernel_larger_than_the_input(layout):
         fastconv.max_pool2d(xa, *args).backward(g)
         F.max_pool2d(xt, *args).backward(g)
         torch.testing.assert_close(xa.grad, xt.grad, rtol=0, atol=0)
+
+
+def test_compact_indices_follow_the_kernel_size_as_given():
+    # The fake kernel does not see the input's size, so whether compact (uint8) indices fit
+    # depends on kernel_size alone, even where the CPU kernel trims taps past a small input.
+    x = torch.randn(1, 2, 4, 4)  # the CPU kernel keeps 12 x 12 of 17 x 17, 11 x 11 of 15 x 15
+    for k, dtype in ((17, torch.int64), (15, torch.uint8)):
+        args = ([k, k], [1, 1], [k // 2, k // 2], [1, 1], False, "compact")
+        real = torch.ops.fastconv.max_pool2d(x, *args)
+        fake = torch.ops.fastconv.max_pool2d(x.to("meta"), *args)
+        assert real[1].dtype == fake[1].dtype == dtype
+        assert real[1].shape == fake[1].shape
+        g = torch.randn_like(real[0])
+        grad = torch.ops.fastconv._max_pool2d_backward(g, x, real[1], *args[:5])
+        xt = x.clone().requires_grad_()
+        F.max_pool2d(xt, k, 1, k // 2).backward(g)
+        assert torch.equal(grad, xt.grad)

@@ -25,7 +25,11 @@ struct Conv2dShape {
 
 struct Pool2dShape {
   int64_t batch, channels, in_h, in_w, out_h, out_w;
+  // kernel_h / kernel_w: the taps that can reach the input (see check_max_pool2d_shapes);
+  // window_taps: kernel_size[0] * kernel_size[1] as given, which decides whether compact
+  // indices fit (as in the fake kernel, which does not know the input's size).
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t window_taps;
 };
 
 // torch's Python spelling of a dtype, so C++ messages read like the fake kernel's.
@@ -276,6 +280,7 @@ inline Pool2dShape check_max_pool2d_shapes(
       ": expected input to have non-zero channels, height and width, but got shape ", input_sizes);
   s.kernel_h = kernel_size[0];
   s.kernel_w = kernel_size[1];
+  s.window_taps = s.kernel_h * s.kernel_w;  // both at most a C int: no overflow
   s.stride_h = stride[0];
   s.stride_w = stride[1];
   s.pad_h = padding[0];
@@ -298,10 +303,12 @@ inline Pool2dShape check_max_pool2d_shapes(
   return s;
 }
 
+// The taps a window can read (a cost estimate for the kernels' work split).
 inline int64_t max_pool2d_taps(const Pool2dShape& s) { return s.kernel_h * s.kernel_w; }
 
-// "compact" indices are stored as uint8 window-local tap numbers when they fit.
-inline bool max_pool2d_compact_fits(const Pool2dShape& s) { return max_pool2d_taps(s) <= 256; }
+// "compact" indices are stored as uint8 window-local tap numbers when the window as given
+// has at most 256 taps (its tap numbers under the trimmed kernel are smaller still).
+inline bool max_pool2d_compact_fits(const Pool2dShape& s) { return s.window_taps <= 256; }
 
 enum class PoolIndices { kNone, kFull, kCompact };
 

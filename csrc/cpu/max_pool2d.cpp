@@ -1384,7 +1384,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(
 
 // Same checks, order and wording as _check_pool_backward_args in fastconv/_registrations.py.
 void check_pool_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
-                              const at::Tensor& indices, const Pool2dShape& s) {
+                              const at::Tensor& indices, const Pool2dShape& s,
+                              at::IntArrayRef kernel_size) {
   const std::vector<int64_t> out_shape{s.batch, s.channels, s.out_h, s.out_w};
   TORCH_CHECK_VALUE(
       grad_output.sizes().equals(out_shape), kBwdOp,
@@ -1399,8 +1400,8 @@ void check_pool_backward_args(const at::Tensor& grad_output, const at::Tensor& i
       "; the forward must be called with indices='full' or 'compact' for a backward");
   TORCH_CHECK_VALUE(
       !(it == at::kByte && !max_pool2d_compact_fits(s)), kBwdOp,
-      ": uint8 (compact) indices need a window of at most 256 taps, but kernel_size is [",
-      s.kernel_h, ", ", s.kernel_w, "]");
+      ": uint8 (compact) indices need a window of at most 256 taps, but kernel_size is ",
+      kernel_size);
   TORCH_CHECK(
       indices.device() == input.device(), kBwdOp,
       ": expected indices to be on the same device as input (", input.device(), "), but got ",
@@ -1415,7 +1416,7 @@ at::Tensor max_pool2d_backward_cpu(
   check_same(kBwdOp, "grad_output", grad_output, "input", input);
   const Pool2dShape s = check_max_pool2d_shapes(kBwdOp, input.sizes(), kernel_size, stride,
                                                 padding, dilation, ceil_mode);
-  check_pool_backward_args(grad_output, input, indices, s);
+  check_pool_backward_args(grad_output, input, indices, s, kernel_size);
   const auto fmt = input.suggest_memory_format();
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
   advise_huge_pages(grad_input);

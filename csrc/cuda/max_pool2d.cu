@@ -429,7 +429,7 @@ void check_max_pool2d_backward_args(const char* op, const at::Tensor& grad_outpu
       (it == at::kLong || it == at::kByte) && indices.sizes() == at::IntArrayRef(out_shape), op,
       ": expected indices of shape ", at::IntArrayRef(out_shape),
       " with dtype int64 (or uint8 compact indices), but got shape ", indices.sizes(),
-      " and dtype ", it, "; the forward must be called with indices='full' or 'compact' for a "
+      " and dtype ", py_dtype(it), "; the forward must be called with indices='full' or 'compact' for a "
       "backward");
   TORCH_CHECK_VALUE(
       it != at::kByte || max_pool2d_compact_fits(s), op,
