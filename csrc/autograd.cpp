@@ -81,7 +81,9 @@ void set_conv_tangent(at::Tensor& out, at::Tensor t, const at::Tensor& bias_tang
   out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
 }
 
-at::Tensor add_terms(const at::Tensor& a, const at::Tensor& b) { return a.defined() ? a.add(b) : b; }
+at::Tensor add_terms(const at::Tensor& a, const at::Tensor& b) {
+  return a.defined() ? a.add(b) : b;
+}
 
 // In a backward, grad mode is on only under create_graph=True. Then the backward ops run
 // through their own autograd kernels (Python), which make a backward through them raise

@@ -260,8 +260,9 @@ inline Pool2dShape check_max_pool2d_shapes(
   check_pair(op, "dilation", dilation, 1);
   // torch's max_pool2d takes these as C ints; so do the kernels' int32 tap arithmetic.
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  for (const auto& [name, v] : {std::pair<const char*, at::IntArrayRef>{"kernel_size", kernel_size},
-                                {"stride", stride}, {"padding", padding}, {"dilation", dilation}}) {
+  using Arg = std::pair<const char*, at::IntArrayRef>;
+  for (const auto& [name, v] : {Arg{"kernel_size", kernel_size}, Arg{"stride", stride},
+                                Arg{"padding", padding}, Arg{"dilation", dilation}}) {
     TORCH_CHECK_VALUE(
         v[0] <= kIntMax && v[1] <= kIntMax, op, ": expected ", name, " to be at most ",
         kIntMax, " (a C int, as in torch), but got ", v);
