@@ -207,11 +207,10 @@ void grad_weight_grid(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor xpad = pad_planes<scalar_t, acc_t>(
       input.const_data_ptr<scalar_t>(), s.batch * s.in_channels, s.in_h, s.in_w, s.pad_h,
       s.pad_w, Hs, Ws, plane_size, opts);
-  // grad_output in acc_t, rows OW apart: only the grid's real columns are read
+  // grad_output (NCHW-contiguous, rows OW apart) in acc_t: converted for bfloat16, as it is
+  // otherwise. Only the grid's real columns are read.
   const int64_t grid = s.out_h * s.out_w;
-  const at::Tensor gogrid = pad_planes<scalar_t, acc_t>(
-      grad_output.const_data_ptr<scalar_t>(), s.batch * s.out_channels, s.out_h, s.out_w, 0, 0,
-      s.out_h, s.out_w, grid, opts);
+  const at::Tensor gogrid = grad_output.to(opts.dtype());
   const acc_t* xp = xpad.const_data_ptr<acc_t>();
   const acc_t* gp = gogrid.const_data_ptr<acc_t>();
   const int64_t C = s.in_channels, O = s.out_channels, G = s.groups;
