@@ -71,18 +71,24 @@ c10::optional<at::Tensor> primal(const c10::optional<at::Tensor>& t) {
   return primal(*t);
 }
 
-// The output's tangent from the linear terms of each argument's tangent (undefined terms are
-// zero), attached to the output. `bias_tangent` is broadcast over (N, H, W).
-void set_conv_tangent(at::Tensor& out, at::Tensor t, const at::Tensor& bias_tangent) {
-  if (bias_tangent.defined()) {
-    const at::Tensor b = bias_tangent.view({1, -1, 1, 1});
+// The tangent of out = op(x, w) + b for tangents tx, tw, tb of its arguments (undefined ones
+// are zero): op is linear in each, so it is op(tx, w) + op(x, tw) + tb, `op(a, b)` running the
+// op without bias; attached to `out`.
+template <typename Op>
+void set_conv_tangent(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& tx, const at::Tensor& tw, const at::Tensor& tb,
+                      const Op& op) {
+  at::Tensor t;
+  if (tx.defined()) t = op(tx, w);
+  if (tw.defined()) {
+    const at::Tensor u = op(x, tw);
+    t = t.defined() ? t.add(u) : u;
+  }
+  if (tb.defined()) {
+    const at::Tensor b = tb.view({1, -1, 1, 1});
     t = t.defined() ? t.add(b) : b.expand(out.sizes()).clone(out.suggest_memory_format());
   }
   out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
-}
-
-at::Tensor add_terms(const at::Tensor& a, const at::Tensor& b) {
-  return a.defined() ? a.add(b) : b;
 }
 
 // In a backward, grad mode is on only under create_graph=True. Then the backward ops run
@@ -203,15 +209,9 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
   if (tx.defined() || tw.defined() || tb.defined()) {
     const at::Tensor x = primal(input), w = primal(weight);
     at::Tensor out = conv2d_autograd(x, w, primal(bias), stride, padding, dilation, groups, algo);
-    at::Tensor t;
-    if (tx.defined()) {
-      t = conv2d_op().call(tx, w, c10::nullopt, stride, padding, dilation, groups, algo);
-    }
-    if (tw.defined()) {
-      t = add_terms(t, conv2d_op().call(x, tw, c10::nullopt, stride, padding, dilation, groups,
-                                        algo));
-    }
-    set_conv_tangent(out, t, tb);
+    set_conv_tangent(out, x, w, tx, tw, tb, [&](const at::Tensor& a, const at::Tensor& b) {
+      return conv2d_op().call(a, b, c10::nullopt, stride, padding, dilation, groups, algo);
+    });
     return out;
   }
   if (!needs_graph(input, weight, bias)) {
@@ -260,12 +260,9 @@ at::Tensor depthwise_autograd(const at::Tensor& input, const at::Tensor& weight,
   if (tx.defined() || tw.defined() || tb.defined()) {
     const at::Tensor x = primal(input), w = primal(weight);
     at::Tensor out = depthwise_autograd(x, w, primal(bias), stride, padding, dilation);
-    at::Tensor t;
-    if (tx.defined()) t = depthwise_op().call(tx, w, c10::nullopt, stride, padding, dilation);
-    if (tw.defined()) {
-      t = add_terms(t, depthwise_op().call(x, tw, c10::nullopt, stride, padding, dilation));
-    }
-    set_conv_tangent(out, t, tb);
+    set_conv_tangent(out, x, w, tx, tw, tb, [&](const at::Tensor& a, const at::Tensor& b) {
+      return depthwise_op().call(a, b, c10::nullopt, stride, padding, dilation);
+    });
     return out;
   }
   if (!needs_graph(input, weight, bias)) {
@@ -344,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& input,
     auto [out, idx] = max_pool2d_autograd(x, kernel_size, stride, padding, dilation, ceil_mode,
                                           indices);
     at::Tensor full = idx;
-    if (indices != "full") {
+    if (indices != "full") {  // the tangent needs torch's indices; only dual inputs pay this
       at::AutoDispatchBelowADInplaceOrView below;
       full = std::get<1>(max_pool2d_op().call(x, kernel_size, stride, padding, dilation,
                                               ceil_mode, "full"));
