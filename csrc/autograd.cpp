@@ -1,7 +1,6 @@
-// Autograd for the three forward ops (conv2d, depthwise_conv2d, max_pool2d), registered for the
-// Autograd key in C++ (TORCH_LIBRARY_IMPL(fastconv, Autograd, ...)), as torchvision registers
-// its ops'. Their fake kernels, and the autograd kernels of the backward ops (which make a
-// double backward a clear error), are Python, in fastconv/_registrations.py.
+// Autograd for all of fastconv's ops, registered for the Autograd key in C++
+// (TORCH_LIBRARY_IMPL(fastconv, Autograd, ...)), as torchvision registers its ops'. Their fake
+// kernels are Python, in fastconv/_registrations.py.
 //
 // Why C++: a Python formula (torch.library.register_autograd) runs torch.autograd.Function's
 // Python machinery twice per call (forward and backward). Measured in alternating processes (2
@@ -9,7 +8,7 @@
 // us with the Python formulas and takes 35-45 us with these (the two op calls alone: 21-28 us);
 // N=8, C=32, 28x28: 145-166 -> 102-119 us.
 //
-// The formulas:
+// The formulas of the forward ops:
 // - conv2d: grad_input = _conv2d_grad_input, grad_weight = _conv2d_grad_weight, grad_bias =
 //   grad_output summed over (N, H, W); algo="auto" on a depthwise shape (groups == C_in > 1,
 //   weight.size(0) a multiple of C_in) takes _depthwise_conv2d_backward for all three at once
@@ -19,11 +18,30 @@
 //   differentiable; not marked as such, which compiled autograd does not accept).
 // Each gradient is computed only when autograd needs it (needs_input_grad).
 //
-// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd): the ops are linear in
-// each tensor argument, so an output's tangent is the op applied to the tangents (conv:
-// conv(dx, w) + conv(x, dw) + db; max_pool2d: dx gathered at the forward's indices), computed
-// with the ops themselves and attached to the output (level 0, as torch's own formulas do).
-// The primal values run through the reverse-mode path above, so both modes compose.
+// The backward ops have formulas of their own, so gradients of gradients work
+// (torch.autograd.grad(..., create_graph=True), gradcheck's gradgradcheck): each is linear in
+// each tensor argument it differentiates. With F the forward op without bias, GI its grad_input
+// op and GW its grad_weight op, <g, GI(go, w)> = <F(g, w), go> and <g, GW(go, x)> = <F(x, g),
+// go>, so
+//   GI(go, w):  go <- F(g, w),        w <- GW(go, g)
+//   GW(go, x):  go <- F(x, g),        x <- GI(go, g)
+// and the fused depthwise backward sums the two (plus the bias gradient's broadcast into go).
+// _max_pool2d_backward scatters go to the indices, so go's gradient gathers g at them (0 for a
+// window that reads no input); its value does not depend on the input's (zero gradient, as
+// torch's).
+//
+// Every formula calls the ops through the dispatcher, their autograd kernels included: under
+// create_graph=True those record the calls, so gradients of any order work, and a tangent on
+// grad_output (forward-over-reverse, as in a Hessian-vector product) flows through them; with
+// neither, they go straight to the op's kernel.
+//
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd): for the same reason an
+// output's tangent is the op applied to the tangents (conv: F(dx, w) + F(x, dw) + db; GI(dgo,
+// w) + GI(go, dw); max_pool2d: dx gathered at the forward's indices; its backward: the backward
+// of dgo), computed with the ops themselves and attached to the output (level 0, as torch's own
+// formulas do). The primal values run through the reverse-mode path, so both modes compose.
+//
+// torch.func's grad / vjp / jacrev refuse C++ autograd functions (see README).
 
 #include "common/ops.h"
 
@@ -31,6 +49,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -71,35 +90,51 @@ c10::optional<at::Tensor> primal(const c10::optional<at::Tensor>& t) {
   return primal(*t);
 }
 
-// The tangent of out = op(x, w) + b for tangents tx, tw, tb of its arguments (undefined ones
-// are zero): op is linear in each, so it is op(tx, w) + op(x, tw) + tb, `op(a, b)` running the
-// op without bias; attached to `out`.
-template <typename Op>
-void set_conv_tangent(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-                      const at::Tensor& tx, const at::Tensor& tw, const at::Tensor& tb,
-                      const Op& op) {
-  at::Tensor t;
-  if (tx.defined()) t = op(tx, w);
-  if (tw.defined()) {
-    const at::Tensor u = op(x, tw);
-    t = t.defined() ? t.add(u) : u;
-  }
-  if (tb.defined()) {
-    const at::Tensor b = tb.view({1, -1, 1, 1});
-    t = t.defined() ? t.add(b) : b.expand(out.sizes()).clone(out.suggest_memory_format());
-  }
-  out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
-}
+// The dual tensors (forward-mode AD) among those a Function saves for its backward. The
+// Functions run on primals, so their saved variables carry no tangent, where torch's own
+// formulas keep them: a backward run inside the dual level (forward-over-reverse: the tangent of
+// a gradient, as in a Hessian-vector product) must see the dual tensors. The duals ride in the
+// context, and their tangents are put back on the saved primals while they still have them
+// (leaving the level takes every tangent of that level away).
+struct Duals {
+  variable_list of;  // one per saved tensor: the argument if it carries a tangent, else undefined
 
-// In a backward, grad mode is on only under create_graph=True. Then the backward ops run
-// through their own autograd kernels (Python), which make a backward through them raise
-// "double backward is not supported"; otherwise they go straight to their kernels.
-struct BackwardCalls {
-  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-  BackwardCalls() {
-    if (!at::GradMode::is_enabled()) below.emplace();
+  explicit Duals(std::initializer_list<at::Tensor> args) {
+    for (const at::Tensor& t : args) of.push_back(tangent(t).defined() ? t : at::Tensor());
   }
 };
+
+void save_for_backward(AutogradContext* ctx, const variable_list& primals, const Duals& duals) {
+  ctx->save_for_backward(primals);
+  for (size_t i = 0; i < duals.of.size(); ++i)
+    if (duals.of[i].defined()) ctx->saved_data["dual" + std::to_string(i)] = duals.of[i];
+}
+
+variable_list saved_variables(AutogradContext* ctx) {
+  variable_list saved = ctx->get_saved_variables();
+  for (size_t i = 0; i < saved.size(); ++i) {
+    const auto it = ctx->saved_data.find("dual" + std::to_string(i));
+    if (it == ctx->saved_data.end()) continue;
+    const at::Tensor t = tangent(it->second.toTensor());
+    if (t.defined()) saved[i] = at::_make_dual(saved[i], t, /*level=*/0);
+  }
+  return saved;
+}
+
+// Whether t is batched by torch's legacy vmap: torch.autograd.grad(is_grads_batched=True) and
+// torch.autograd.functional's vectorize=True batch the gradients with it, and its per-sample
+// fallback cannot run an op that returns a list (_depthwise_conv2d_backward), so there the
+// fused backward is replaced by its ops one by one.
+bool legacy_batched(const at::Tensor& t) {
+  return t.defined() && t.key_set().has(c10::DispatchKey::Batched);
+}
+
+// a + b, either alone when the other is undefined (an undefined tensor is zero)
+at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a.add(b);
+}
 
 void save_ints(AutogradContext* ctx, const char* key, IntArrayRef v) {
   ctx->saved_data[key] = v.vec();
@@ -116,88 +151,145 @@ bool depthwise_shaped(const at::Tensor& input, const at::Tensor& weight, int64_t
   return groups > 1 && c_in == groups && weight.sym_size(0) % c_in == 0;
 }
 
-// What both convolutions save for their backward (input, weight, stride, padding, dilation,
-// whether there is a bias), and what ConvBackward reads back from it.
-void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-               const c10::optional<at::Tensor>& bias, IntArrayRef stride, IntArrayRef padding,
-               IntArrayRef dilation) {
-  ctx->save_for_backward({input, weight});
-  save_ints(ctx, "stride", stride);
-  save_ints(ctx, "padding", padding);
-  save_ints(ctx, "dilation", dilation);
-  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+// One convolution's three ops with its parameters bound: F (the forward without bias), GI
+// (grad_input) and GW (grad_weight), of conv2d (groups, algo) or of depthwise_conv2d. Kept in an
+// autograd context as plain values (what compiled autograd lifts).
+struct ConvOps {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  std::string algo;
+  bool depthwise;
+
+  static ConvOps conv2d(IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                        int64_t groups, c10::string_view algo) {
+    return {stride.vec(), padding.vec(), dilation.vec(), groups, std::string(algo), false};
+  }
+  static ConvOps depthwise_conv2d(IntArrayRef stride, IntArrayRef padding,
+                                  IntArrayRef dilation) {
+    return {stride.vec(), padding.vec(), dilation.vec(), 1, "", true};
+  }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& w) const {
+    if (depthwise) return depthwise_op().call(x, w, c10::nullopt, stride, padding, dilation);
+    return conv2d_op().call(x, w, c10::nullopt, stride, padding, dilation, groups, algo);
+  }
+  at::Tensor grad_input(const at::Tensor& go, const at::Tensor& w,
+                        c10::SymIntArrayRef input_size) const {
+    if (depthwise)
+      return depthwise_grad_input_op().call(go, w, input_size, stride, padding, dilation);
+    return conv2d_grad_input_op().call(go, w, input_size, stride, padding, dilation, groups,
+                                       algo);
+  }
+  at::Tensor grad_weight(const at::Tensor& go, const at::Tensor& x,
+                         c10::SymIntArrayRef weight_size) const {
+    if (depthwise)
+      return depthwise_grad_weight_op().call(go, x, weight_size, stride, padding, dilation);
+    return conv2d_grad_weight_op().call(go, x, weight_size, stride, padding, dilation, groups,
+                                        algo);
+  }
+  // grad_input, grad_weight and (bias_grad) grad_bias of one _depthwise_conv2d_backward call
+  std::vector<at::Tensor> depthwise_backward(const at::Tensor& go, const at::Tensor& x,
+                                             const at::Tensor& w, bool bias_grad) const {
+    return depthwise_backward_op().call(go, x, w, stride, padding, dilation, bias_grad);
+  }
+
+  void save(AutogradContext* ctx) const {
+    save_ints(ctx, "stride", stride);
+    save_ints(ctx, "padding", padding);
+    save_ints(ctx, "dilation", dilation);
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["algo"] = algo;
+    ctx->saved_data["depthwise"] = depthwise;
+  }
+  static ConvOps load(AutogradContext* ctx) {
+    return {ints(ctx, "stride"),
+            ints(ctx, "padding"),
+            ints(ctx, "dilation"),
+            ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["algo"].toStringRef(),
+            ctx->saved_data["depthwise"].toBool()};
+  }
+};
+
+// A bias gradient gb (C) as a term of a gradient shaped like `like` (N, C, H, W).
+at::Tensor bias_term(const at::Tensor& gb, const at::Tensor& like) {
+  return gb.view({1, -1, 1, 1}).expand_symint(like.sym_sizes());
 }
 
+// The tangent of F(x, w) + b for tangents tx, tw, tb of its arguments (undefined ones are
+// zero): F(tx, w) + F(x, tw) + tb; undefined if all three are.
+at::Tensor conv_tangent(const ConvOps& f, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& tx, const at::Tensor& tw, const at::Tensor& tb,
+                        const at::Tensor& out) {
+  at::Tensor t = add_defined(tx.defined() ? f.forward(tx, w) : at::Tensor(),
+                             tw.defined() ? f.forward(x, tw) : at::Tensor());
+  if (!tb.defined()) return t;
+  return t.defined() ? t.add(tb.view({1, -1, 1, 1}))
+                     : bias_term(tb, out).clone(out.suggest_memory_format());
+}
+
+// What the convolutions' backward reads from their context: input, weight, the ops, whether
+// there is a bias, and which gradients autograd needs.
 struct ConvBackward {
   variable_list saved;  // input, weight
   at::Tensor grad;
-  std::vector<int64_t> stride, padding, dilation;
+  ConvOps f;
   bool need_input, need_weight, need_bias;
 
   ConvBackward(AutogradContext* ctx, const variable_list& grads)
-      : saved(ctx->get_saved_variables()),
+      : saved(saved_variables(ctx)),
         grad(grads[0]),
-        stride(ints(ctx, "stride")),
-        padding(ints(ctx, "padding")),
-        dilation(ints(ctx, "dilation")),
+        f(ConvOps::load(ctx)),
         need_input(ctx->needs_input_grad(0)),
         need_weight(ctx->needs_input_grad(1)),
         need_bias(ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {}
 
+  static void save(AutogradContext* ctx, const ConvOps& f, const at::Tensor& input,
+                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   const Duals& duals) {
+    save_for_backward(ctx, {input, weight}, duals);
+    f.save(ctx);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  }
+
   const at::Tensor& input() const { return saved[0]; }
   const at::Tensor& weight() const { return saved[1]; }
 
-  // out[0..2] = grad_input, grad_weight (and the bias gradient) from one
-  // _depthwise_conv2d_backward call
-  void depthwise_fused(variable_list& out) const {
-    std::vector<at::Tensor> g = depthwise_backward_op().call(grad, input(), weight(), stride,
-                                                             padding, dilation, need_bias);
-    out[0] = g[0];
-    out[1] = g[1];
-    if (need_bias) out[2] = g[2];
-  }
-
-  void bias(variable_list& out) const {
+  // grad_input, grad_weight and the bias gradient: from one _depthwise_conv2d_backward call
+  // when `fused` (and both of the first two are needed), else from the ops one by one
+  variable_list gradients(size_t num_args, bool fused) const {
+    variable_list out(num_args);  // one per forward argument; the non-tensor ones stay undefined
+    if (fused && need_input && need_weight && !legacy_batched(grad)) {
+      std::vector<at::Tensor> g = f.depthwise_backward(grad, input(), weight(), need_bias);
+      std::copy(g.begin(), g.end(), out.begin());
+      return out;
+    }
+    if (need_input) out[0] = f.grad_input(grad, weight(), input().sym_sizes());
+    if (need_weight) out[1] = f.grad_weight(grad, input(), weight().sym_sizes());
     if (need_bias) out[2] = grad.sum({0, 2, 3});
+    return out;
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// conv2d
+// conv2d and depthwise_conv2d
 // ---------------------------------------------------------------------------------------------
 
 struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                            int64_t groups, c10::string_view algo) {
-    save_conv(ctx, input, weight, bias, stride, padding, dilation);
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["algo"] = std::string(algo);
+                            int64_t groups, c10::string_view algo, const Duals& duals) {
+    ConvBackward::save(ctx, ConvOps::conv2d(stride, padding, dilation, groups, algo), input,
+                       weight, bias, duals);
     at::AutoDispatchBelowADInplaceOrView below;
     return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups, algo);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const ConvBackward b(ctx, grads);
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const std::string algo = ctx->saved_data["algo"].toStringRef();
-
-    BackwardCalls calls;
-    variable_list out(8);  // one per forward argument; the non-tensor ones stay undefined
-    if (algo == "auto" && b.need_input && b.need_weight &&
-        depthwise_shaped(b.input(), b.weight(), groups)) {
-      b.depthwise_fused(out);
-      return out;
-    }
-    if (b.need_input)
-      out[0] = conv2d_grad_input_op().call(b.grad, b.weight(), b.input().sym_sizes(), b.stride,
-                                           b.padding, b.dilation, groups, algo);
-    if (b.need_weight)
-      out[1] = conv2d_grad_weight_op().call(b.grad, b.input(), b.weight().sym_sizes(), b.stride,
-                                            b.padding, b.dilation, groups, algo);
-    b.bias(out);
-    return out;
+    return b.gradients(9, b.f.algo == "auto" &&
+                              depthwise_shaped(b.input(), b.weight(), b.f.groups));
   }
 };
 
@@ -206,50 +298,37 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
                            IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                            c10::string_view algo) {
   const at::Tensor tx = tangent(input), tw = tangent(weight), tb = tangent(bias);
-  if (tx.defined() || tw.defined() || tb.defined()) {
-    const at::Tensor x = primal(input), w = primal(weight);
-    at::Tensor out = conv2d_autograd(x, w, primal(bias), stride, padding, dilation, groups, algo);
-    set_conv_tangent(out, x, w, tx, tw, tb, [&](const at::Tensor& a, const at::Tensor& b) {
-      return conv2d_op().call(a, b, c10::nullopt, stride, padding, dilation, groups, algo);
-    });
-    return out;
-  }
-  if (!needs_graph(input, weight, bias)) {
+  const at::Tensor x = primal(input), w = primal(weight);
+  const c10::optional<at::Tensor> b = primal(bias);
+  at::Tensor out;
+  if (needs_graph(x, w, b)) {
+    out = Conv2dFunction::apply(x, w, b, stride, padding, dilation, groups, algo,
+                                Duals{input, weight});
+  } else {
     at::AutoDispatchBelowADInplaceOrView below;
-    return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups, algo);
+    out = conv2d_op().call(x, w, b, stride, padding, dilation, groups, algo);
   }
-  return Conv2dFunction::apply(input, weight, bias, stride, padding, dilation, groups, algo);
+  if (tx.defined() || tw.defined() || tb.defined()) {
+    const ConvOps f = ConvOps::conv2d(stride, padding, dilation, groups, algo);
+    out._set_fw_grad(conv_tangent(f, x, w, tx, tw, tb, out), /*level=*/0,
+                     /*is_inplace_op=*/false);
+  }
+  return out;
 }
-
-// ---------------------------------------------------------------------------------------------
-// depthwise_conv2d
-// ---------------------------------------------------------------------------------------------
 
 struct DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
-    save_conv(ctx, input, weight, bias, stride, padding, dilation);
+                            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                            const Duals& duals) {
+    ConvBackward::save(ctx, ConvOps::depthwise_conv2d(stride, padding, dilation), input, weight,
+                       bias, duals);
     at::AutoDispatchBelowADInplaceOrView below;
     return depthwise_op().call(input, weight, bias, stride, padding, dilation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const ConvBackward b(ctx, grads);
-    BackwardCalls calls;
-    variable_list out(6);
-    if (b.need_input && b.need_weight) {
-      b.depthwise_fused(out);
-      return out;
-    }
-    if (b.need_input)
-      out[0] = depthwise_grad_input_op().call(b.grad, b.weight(), b.input().sym_sizes(),
-                                              b.stride, b.padding, b.dilation);
-    if (b.need_weight)
-      out[1] = depthwise_grad_weight_op().call(b.grad, b.input(), b.weight().sym_sizes(),
-                                               b.stride, b.padding, b.dilation);
-    b.bias(out);
-    return out;
+    return ConvBackward(ctx, grads).gradients(7, /*fused=*/true);
   }
 };
 
@@ -257,44 +336,288 @@ at::Tensor depthwise_autograd(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, IntArrayRef stride,
                               IntArrayRef padding, IntArrayRef dilation) {
   const at::Tensor tx = tangent(input), tw = tangent(weight), tb = tangent(bias);
+  const at::Tensor x = primal(input), w = primal(weight);
+  const c10::optional<at::Tensor> b = primal(bias);
+  at::Tensor out;
+  if (needs_graph(x, w, b)) {
+    out = DepthwiseFunction::apply(x, w, b, stride, padding, dilation, Duals{input, weight});
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = depthwise_op().call(x, w, b, stride, padding, dilation);
+  }
   if (tx.defined() || tw.defined() || tb.defined()) {
-    const at::Tensor x = primal(input), w = primal(weight);
-    at::Tensor out = depthwise_autograd(x, w, primal(bias), stride, padding, dilation);
-    set_conv_tangent(out, x, w, tx, tw, tb, [&](const at::Tensor& a, const at::Tensor& b) {
-      return depthwise_op().call(a, b, c10::nullopt, stride, padding, dilation);
-    });
+    const ConvOps f = ConvOps::depthwise_conv2d(stride, padding, dilation);
+    out._set_fw_grad(conv_tangent(f, x, w, tx, tw, tb, out), /*level=*/0,
+                     /*is_inplace_op=*/false);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The convolutions' backward ops: GI(go, w), GW(go, x) and the fused depthwise backward
+// ---------------------------------------------------------------------------------------------
+
+struct GradInputFunction : public torch::autograd::Function<GradInputFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
+                            const at::Tensor& weight, c10::SymIntArrayRef input_size,
+                            const ConvOps& f, const Duals& duals) {
+    save_for_backward(ctx, {grad_output, weight}, duals);
+    f.save(ctx);
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return f.grad_input(grad_output, weight, input_size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);  // one per forward argument
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    const ConvOps f = ConvOps::load(ctx);
+    const variable_list saved = saved_variables(ctx);  // grad_output, weight
+    if (ctx->needs_input_grad(0)) out[0] = f.forward(g, saved[1]);
+    if (ctx->needs_input_grad(1)) out[1] = f.grad_weight(saved[0], g, saved[1].sym_sizes());
     return out;
   }
-  if (!needs_graph(input, weight, bias)) {
+};
+
+struct GradWeightFunction : public torch::autograd::Function<GradWeightFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
+                            const at::Tensor& input, c10::SymIntArrayRef weight_size,
+                            const ConvOps& f, const Duals& duals) {
+    save_for_backward(ctx, {grad_output, input}, duals);
+    f.save(ctx);
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView below;
-    return depthwise_op().call(input, weight, bias, stride, padding, dilation);
+    return f.grad_weight(grad_output, input, weight_size);
   }
-  return DepthwiseFunction::apply(input, weight, bias, stride, padding, dilation);
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);  // one per forward argument
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    const ConvOps f = ConvOps::load(ctx);
+    const variable_list saved = saved_variables(ctx);  // grad_output, input
+    if (ctx->needs_input_grad(0)) out[0] = f.forward(saved[1], g);
+    if (ctx->needs_input_grad(1)) out[1] = f.grad_input(saved[0], g, saved[1].sym_sizes());
+    return out;
+  }
+};
+
+at::Tensor grad_input_autograd(const ConvOps& f, const at::Tensor& grad_output,
+                               const at::Tensor& weight, c10::SymIntArrayRef input_size) {
+  const at::Tensor tgo = tangent(grad_output), tw = tangent(weight);
+  const at::Tensor go = primal(grad_output), w = primal(weight);
+  at::Tensor out;
+  if (needs_graph(go, w)) {
+    out = GradInputFunction::apply(go, w, input_size, f, Duals{grad_output, weight});
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = f.grad_input(go, w, input_size);
+  }
+  if (tgo.defined() || tw.defined())
+    out._set_fw_grad(add_defined(tgo.defined() ? f.grad_input(tgo, w, input_size) : at::Tensor(),
+                                 tw.defined() ? f.grad_input(go, tw, input_size) : at::Tensor()),
+                     /*level=*/0, /*is_inplace_op=*/false);
+  return out;
+}
+
+at::Tensor grad_weight_autograd(const ConvOps& f, const at::Tensor& grad_output,
+                                const at::Tensor& input, c10::SymIntArrayRef weight_size) {
+  const at::Tensor tgo = tangent(grad_output), tx = tangent(input);
+  const at::Tensor go = primal(grad_output), x = primal(input);
+  at::Tensor out;
+  if (needs_graph(go, x)) {
+    out = GradWeightFunction::apply(go, x, weight_size, f, Duals{grad_output, input});
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = f.grad_weight(go, x, weight_size);
+  }
+  if (tgo.defined() || tx.defined())
+    out._set_fw_grad(add_defined(tgo.defined() ? f.grad_weight(tgo, x, weight_size) : at::Tensor(),
+                                 tx.defined() ? f.grad_weight(go, tx, weight_size) : at::Tensor()),
+                     /*level=*/0, /*is_inplace_op=*/false);
+  return out;
+}
+
+at::Tensor conv2d_grad_input_autograd(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      c10::SymIntArrayRef input_size, IntArrayRef stride,
+                                      IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                                      c10::string_view algo) {
+  return grad_input_autograd(ConvOps::conv2d(stride, padding, dilation, groups, algo),
+                             grad_output, weight, input_size);
+}
+
+at::Tensor conv2d_grad_weight_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                       c10::SymIntArrayRef weight_size, IntArrayRef stride,
+                                       IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                                       c10::string_view algo) {
+  return grad_weight_autograd(ConvOps::conv2d(stride, padding, dilation, groups, algo),
+                              grad_output, input, weight_size);
+}
+
+at::Tensor depthwise_grad_input_autograd(const at::Tensor& grad_output, const at::Tensor& weight,
+                                         c10::SymIntArrayRef input_size, IntArrayRef stride,
+                                         IntArrayRef padding, IntArrayRef dilation) {
+  return grad_input_autograd(ConvOps::depthwise_conv2d(stride, padding, dilation), grad_output,
+                             weight, input_size);
+}
+
+at::Tensor depthwise_grad_weight_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                          c10::SymIntArrayRef weight_size, IntArrayRef stride,
+                                          IntArrayRef padding, IntArrayRef dilation) {
+  return grad_weight_autograd(ConvOps::depthwise_conv2d(stride, padding, dilation), grad_output,
+                              input, weight_size);
+}
+
+// _depthwise_conv2d_backward: (GI(go, w), GW(go, x)[, sum of go]); the gradients of its
+// outputs add up as the two ops' do, the bias gradient's broadcast into go's.
+struct DepthwiseBackwardFunction : public torch::autograd::Function<DepthwiseBackwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output,
+                               const at::Tensor& input, const at::Tensor& weight,
+                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                               bool bias_grad, const Duals& duals) {
+    save_for_backward(ctx, {grad_output, input, weight}, duals);
+    ConvOps::depthwise_conv2d(stride, padding, dilation).save(ctx);
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return depthwise_backward_op().call(grad_output, input, weight, stride, padding, dilation,
+                                        bias_grad);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const ConvOps f = ConvOps::load(ctx);
+    const variable_list saved = saved_variables(ctx);
+    const at::Tensor &go = saved[0], &x = saved[1], &w = saved[2];
+    const at::Tensor& g_input = grads[0];
+    const at::Tensor& g_weight = grads[1];
+    const at::Tensor g_bias = grads.size() > 2 ? grads[2] : at::Tensor();
+    variable_list out(8);  // one per forward argument
+    if (ctx->needs_input_grad(0)) {
+      at::Tensor t = add_defined(g_input.defined() ? f.forward(g_input, w) : at::Tensor(),
+                                 g_weight.defined() ? f.forward(x, g_weight) : at::Tensor());
+      if (g_bias.defined())
+        t = t.defined() ? t.add(g_bias.view({1, -1, 1, 1})) : bias_term(g_bias, go);
+      out[0] = t;
+    }
+    if (ctx->needs_input_grad(1) && g_weight.defined())
+      out[1] = f.grad_input(go, g_weight, x.sym_sizes());
+    if (ctx->needs_input_grad(2) && g_input.defined())
+      out[2] = f.grad_weight(go, g_input, w.sym_sizes());
+    return out;
+  }
+};
+
+std::vector<at::Tensor> depthwise_backward_autograd(const at::Tensor& grad_output,
+                                                    const at::Tensor& input,
+                                                    const at::Tensor& weight, IntArrayRef stride,
+                                                    IntArrayRef padding, IntArrayRef dilation,
+                                                    bool bias_grad) {
+  const at::Tensor tgo = tangent(grad_output), tx = tangent(input), tw = tangent(weight);
+  const at::Tensor go = primal(grad_output), x = primal(input), w = primal(weight);
+  const ConvOps f = ConvOps::depthwise_conv2d(stride, padding, dilation);
+  std::vector<at::Tensor> out;
+  if (needs_graph(go, x, w)) {
+    out = DepthwiseBackwardFunction::apply(go, x, w, stride, padding, dilation, bias_grad,
+                                           Duals{grad_output, input, weight});
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = f.depthwise_backward(go, x, w, bias_grad);
+  }
+  if (tgo.defined() || tx.defined() || tw.defined()) {
+    std::vector<at::Tensor> t(out.size());
+    if (tgo.defined() && !legacy_batched(tgo)) {
+      t = f.depthwise_backward(tgo, x, w, bias_grad);
+    } else if (tgo.defined()) {
+      t = {f.grad_input(tgo, w, x.sym_sizes()), f.grad_weight(tgo, x, w.sym_sizes())};
+      if (bias_grad) t.push_back(tgo.sum({0, 2, 3}));
+    }
+    if (tw.defined()) t[0] = add_defined(t[0], f.grad_input(go, tw, x.sym_sizes()));
+    if (tx.defined()) t[1] = add_defined(t[1], f.grad_weight(go, tx, w.sym_sizes()));
+    for (size_t i = 0; i < out.size(); ++i)
+      if (t[i].defined()) out[i]._set_fw_grad(t[i], /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
-// max_pool2d
+// max_pool2d and its backward
 // ---------------------------------------------------------------------------------------------
 
-// Along one dimension: whether output position o's window has a tap inside [0, size).
-// Tensor ops only (no data pointers): under torch.func the result is a functorch wrapper.
-at::Tensor window_reads_input(int64_t out, int64_t size, int64_t k, int64_t s, int64_t p,
-                              int64_t d, const at::TensorOptions& opts) {
-  const at::Tensor start = at::arange(out, opts.dtype(at::kLong)).mul(s).sub(p);
-  // the first tap at or past position 0: ceil(-start / d) for a window starting in padding
-  const at::Tensor t0 = start.neg().add(d - 1).div(d, "floor").clamp_min(0);
-  return t0.lt(k).logical_and(start.add(t0.mul(d)).lt(size));
-}
+// max_pool2d's arguments after the input, as the ops take them.
+struct PoolArgs {
+  std::vector<int64_t> kernel_size, stride, padding, dilation;
+  bool ceil_mode;
+
+  void save(AutogradContext* ctx) const {
+    save_ints(ctx, "kernel_size", kernel_size);
+    save_ints(ctx, "stride", stride);
+    save_ints(ctx, "padding", padding);
+    save_ints(ctx, "dilation", dilation);
+    ctx->saved_data["ceil_mode"] = ceil_mode;
+  }
+  static PoolArgs load(AutogradContext* ctx) {
+    return {ints(ctx, "kernel_size"), ints(ctx, "stride"), ints(ctx, "padding"),
+            ints(ctx, "dilation"), ctx->saved_data["ceil_mode"].toBool()};
+  }
+
+  at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input,
+                      const at::Tensor& indices) const {
+    return max_pool2d_backward_op().call(grad_output, input, indices, kernel_size, stride,
+                                         padding, dilation, ceil_mode);
+  }
+
+  // torch's flat indices of the forward on `input` (no graph): `indices` itself when it has
+  // that format (int64, 4-D), else (uint8 'compact' ones, or the empty tensor of 'none') those
+  // the same kernel finds in 'full' mode
+  at::Tensor full_indices(const at::Tensor& input, const at::Tensor& indices) const {
+    if (indices.scalar_type() == at::kLong && indices.dim() == 4) return indices;
+    at::AutoDispatchBelowADInplaceOrView below;
+    return std::get<1>(max_pool2d_op().call(input, kernel_size, stride, padding, dilation,
+                                            ceil_mode, "full"));
+  }
+
+  // Along one dimension: whether each output position's window has a tap inside [0, size).
+  // Tensor ops only (no data pointers): under torch.func the result is a functorch wrapper.
+  at::Tensor window_reads_input(int dim, int64_t out, int64_t size,
+                                const at::TensorOptions& opts) const {
+    const int64_t k = kernel_size[dim], s = stride[dim], p = padding[dim], d = dilation[dim];
+    const at::Tensor start = at::arange(out, opts.dtype(at::kLong)).mul(s).sub(p);
+    // the first tap at or past position 0: ceil(-start / d) for a window starting in padding
+    const at::Tensor t0 = start.neg().add(d - 1).div(d, "floor").clamp_min(0);
+    return t0.lt(k).logical_and(start.add(t0.mul(d)).lt(size));
+  }
+
+  // src (shaped like the input) read at each window's max: the tangent of the pooled output
+  // for an input tangent src, and the gradient of the backward's grad_output for a gradient
+  // src of its result. 0 for a window that reads no input (-inf; its index is where its scan
+  // would start, maybe another element or past the plane).
+  at::Tensor gather(const at::Tensor& src, const at::Tensor& input,
+                    const at::Tensor& indices) const {
+    const at::Tensor full = full_indices(input, indices);
+    const int64_t plane = input.size(2) * input.size(3);
+    const at::Tensor reads =
+        window_reads_input(0, full.size(2), input.size(2), input.options())
+            .view({-1, 1})
+            .logical_and(window_reads_input(1, full.size(3), input.size(3), input.options()));
+    // reshape, not flatten: torch.autograd.functional's vectorize=True (a vmap of its own)
+    // has no batching rule for flatten
+    const int64_t n = full.size(0), c = full.size(1);
+    return src.reshape({n, c, plane})
+        .gather(2, full.reshape({n, c, -1}).clamp(0, std::max<int64_t>(plane - 1, 0)))
+        .view(full.sizes())
+        .masked_fill(reads.logical_not(), 0);
+  }
+};
 
 struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
-                               IntArrayRef dilation, bool ceil_mode, c10::string_view indices) {
+                               const PoolArgs& args, c10::string_view indices) {
     at::Tensor out, idx;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, idx) = max_pool2d_op().call(input, kernel_size, stride, padding, dilation,
-                                                ceil_mode, indices);
+      std::tie(out, idx) =
+          max_pool2d_op().call(input, args.kernel_size, args.stride, args.padding,
+                               args.dilation, args.ceil_mode, indices);
     }
     // The indices are an integer tensor (int64, or uint8 for 'compact'; an empty int64 one for
     // 'none'), which autograd never differentiates, so they need no mark_non_differentiable;
@@ -304,11 +627,7 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
                           !at::isComplexType(idx.scalar_type()));
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, idx});
-    save_ints(ctx, "kernel_size", kernel_size);
-    save_ints(ctx, "stride", stride);
-    save_ints(ctx, "padding", padding);
-    save_ints(ctx, "dilation", dilation);
-    ctx->saved_data["ceil_mode"] = ceil_mode;
+    args.save(ctx);
     ctx->saved_data["indices_none"] = indices == "none";
     return {out, idx};
   }
@@ -318,14 +637,11 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
                 "max_pool2d: the backward needs the forward's indices, but the op was called "
                 "with indices='none'; call it with indices='compact' (or 'full'), as "
                 "fastconv.max_pool2d does when the input requires grad");
-    variable_list out(7);
+    variable_list out(3);
     const at::Tensor& grad = grads[0];
     if (!grad.defined() || !ctx->needs_input_grad(0)) return out;  // undefined: zero
     const variable_list saved = ctx->get_saved_variables();
-    BackwardCalls calls;
-    out[0] = max_pool2d_backward_op().call(
-        grad, saved[0], saved[1], ints(ctx, "kernel_size"), ints(ctx, "stride"),
-        ints(ctx, "padding"), ints(ctx, "dilation"), ctx->saved_data["ceil_mode"].toBool());
+    out[0] = PoolArgs::load(ctx).backward(grad, saved[0], saved[1]);
     return out;
   }
 };
@@ -340,26 +656,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& input,
     const at::Tensor x = primal(input);
     auto [out, idx] = max_pool2d_autograd(x, kernel_size, stride, padding, dilation, ceil_mode,
                                           indices);
-    at::Tensor full = idx;
-    if (indices != "full") {  // the tangent needs torch's indices; only dual inputs pay this
-      at::AutoDispatchBelowADInplaceOrView below;
-      full = std::get<1>(max_pool2d_op().call(x, kernel_size, stride, padding, dilation,
-                                              ceil_mode, "full"));
-    }
-    // A window that reads no input (-inf; its index is where its scan would start, maybe
-    // another element or past the plane) has tangent 0.
-    const int64_t plane = x.size(2) * x.size(3);
-    const at::Tensor reads =
-        window_reads_input(out.size(2), x.size(2), kernel_size[0], stride[0], padding[0],
-                           dilation[0], x.options())
-            .view({-1, 1})
-            .logical_and(window_reads_input(out.size(3), x.size(3), kernel_size[1], stride[1],
-                                            padding[1], dilation[1], x.options()));
-    const at::Tensor t = tx.flatten(2)
-                             .gather(2, full.flatten(2).clamp(0, std::max<int64_t>(plane - 1, 0)))
-                             .view(out.sizes())
-                             .masked_fill(reads.logical_not(), 0);
-    out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+    // the tangent needs torch's indices; with 'none' or 'compact' only dual inputs pay for them
+    const PoolArgs args{kernel_size.vec(), stride.vec(), padding.vec(), dilation.vec(), ceil_mode};
+    out._set_fw_grad(args.gather(tx, x, idx), /*level=*/0, /*is_inplace_op=*/false);
     return {out, idx};
   }
   if (!needs_graph(input)) {
@@ -367,17 +666,71 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& input,
     return max_pool2d_op().call(input, kernel_size, stride, padding, dilation, ceil_mode,
                                 indices);
   }
-  variable_list r = MaxPool2dFunction::apply(input, kernel_size, stride, padding, dilation,
-                                             ceil_mode, indices);
+  const PoolArgs args{kernel_size.vec(), stride.vec(), padding.vec(), dilation.vec(), ceil_mode};
+  variable_list r = MaxPool2dFunction::apply(input, args, indices);
   return {r[0], r[1]};
+}
+
+// _max_pool2d_backward scatters grad_output to the indices: grad_output's gradient gathers
+// the result's gradient there; the input only gives the shape (and, for compact indices, the
+// plane the taps are in), so its gradient is zero, as torch's is for its pooling backward.
+struct MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBackwardFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
+                            const at::Tensor& input, const at::Tensor& indices,
+                            const PoolArgs& args) {
+    ctx->save_for_backward({input, indices});
+    args.save(ctx);
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return args.backward(grad_output, input, indices);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);
+    const variable_list saved = ctx->get_saved_variables();  // input, indices
+    const at::Tensor& g = grads[0];
+    if (ctx->needs_input_grad(1)) out[1] = at::zeros_like(saved[0]);
+    if (!g.defined() || !ctx->needs_input_grad(0)) return out;
+    const PoolArgs args = PoolArgs::load(ctx);
+    out[0] = args.gather(g, saved[0].detach(), saved[1]);
+    return out;
+  }
+};
+
+at::Tensor max_pool2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                        const at::Tensor& indices, IntArrayRef kernel_size,
+                                        IntArrayRef stride, IntArrayRef padding,
+                                        IntArrayRef dilation, bool ceil_mode) {
+  const PoolArgs args{kernel_size.vec(), stride.vec(), padding.vec(), dilation.vec(), ceil_mode};
+  const at::Tensor tgo = tangent(grad_output);
+  if (tgo.defined() || tangent(input).defined()) {
+    const at::Tensor go = primal(grad_output), x = primal(input);
+    at::Tensor out = max_pool2d_backward_autograd(go, x, indices, kernel_size, stride, padding,
+                                                  dilation, ceil_mode);
+    // linear in grad_output; the input's tangent moves nothing
+    out._set_fw_grad(tgo.defined() ? args.backward(tgo, x, indices) : at::zeros_like(out),
+                     /*level=*/0, /*is_inplace_op=*/false);
+    return out;
+  }
+  if (!needs_graph(grad_output, input)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return args.backward(grad_output, input, indices);
+  }
+  return MaxPool2dBackwardFunction::apply(grad_output, input, indices, args);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastconv, Autograd, m) {
   m.impl("conv2d", &conv2d_autograd);
+  m.impl("_conv2d_grad_input", &conv2d_grad_input_autograd);
+  m.impl("_conv2d_grad_weight", &conv2d_grad_weight_autograd);
   m.impl("depthwise_conv2d", &depthwise_autograd);
+  m.impl("_depthwise_conv2d_grad_input", &depthwise_grad_input_autograd);
+  m.impl("_depthwise_conv2d_grad_weight", &depthwise_grad_weight_autograd);
+  m.impl("_depthwise_conv2d_backward", &depthwise_backward_autograd);
   m.impl("max_pool2d", &max_pool2d_autograd);
+  m.impl("_max_pool2d_backward", &max_pool2d_backward_autograd);
 }
 
 }  // namespace fastconv

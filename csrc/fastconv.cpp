@@ -1,6 +1,6 @@
 // The one place where fastconv's operators are declared. Kernels register per backend in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu, the forward ops' autograd in csrc/autograd.cpp; fake kernels
-// (and the backward ops' autograd) live in fastconv/_registrations.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, every op's autograd in csrc/autograd.cpp; fake kernels live
+// in fastconv/_registrations.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,11 +1,11 @@
-"""Fake (meta) kernels for the fastconv ops, the backward ops' autograd and the forward ops'
-vmap rules, through torch.library.
+"""Fake (meta) kernels for the fastconv ops and the forward ops' vmap rules, through
+torch.library.
 
-The C++ side declares the schemas (csrc/fastconv.cpp), registers the CPU / CUDA kernels and the
-forward ops' autograd formulas (csrc/autograd.cpp: in C++ because Python's autograd.Function
-machinery cost more than the kernels at small shapes); this module makes the ops traceable
-(torch.compile, FakeTensor, opcheck). Backward ops are ops of their own; differentiating
-through them again (double backward) raises a clear error.
+The C++ side declares the schemas (csrc/fastconv.cpp), registers the CPU / CUDA kernels and
+every op's autograd formulas, the backward ops' included, so that gradients of gradients work
+(csrc/autograd.cpp: in C++ because Python's autograd.Function machinery cost more than the
+kernels at small shapes); this module makes the ops traceable (torch.compile, FakeTensor,
+opcheck).
 """
 
 from __future__ import annotations
@@ -153,31 +153,6 @@ def _check_pool_backward_args(op, grad_output, input, indices, out_shape, kernel
             f"{op}: expected indices to be on the same device as input ({input.device}), but got "
             f"{indices.device}"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# autograd: the forward ops' formulas are C++ (csrc/autograd.cpp, the Autograd key); the backward
-# ops get one here that makes differentiating through them a clear error
-# --------------------------------------------------------------------------------------------
-
-
-def _no_double_backward(name):
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastconv: double backward is not supported: {name} (a backward op) has no derivative "
-            f"of its own; use torch.nn.functional for higher-order gradients"
-        )
-
-    lib.register_autograd(f"fastconv::{name}", backward, setup_context=setup_context)
-
-
-for _name in ("_conv2d_grad_input", "_conv2d_grad_weight", "_depthwise_conv2d_grad_input",
-              "_depthwise_conv2d_grad_weight", "_depthwise_conv2d_backward",
-              "_max_pool2d_backward"):
-    _no_double_backward(_name)
 
 
 # --------------------------------------------------------------------------------------------

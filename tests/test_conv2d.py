@@ -408,15 +408,11 @@ def test_opcheck_grad_ops(algo, requires_grad):
     x = torch.randn(2, 4, 6, 7, requires_grad=requires_grad)
     w = torch.randn(6, 2, 3, 2, requires_grad=requires_grad)
     go = torch.randn(2, 6, 3, 5, requires_grad=requires_grad)
-    # The grad ops have no derivative of their own (double backward raises a clear error, see
-    # test_double_backward_is_rejected), so with requires_grad the AOT backward test is skipped.
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if not requires_grad:
-        utils += ("test_aot_dispatch_dynamic",)
+    # with requires_grad, opcheck differentiates the grad ops too (double backward)
     torch.library.opcheck(ops._conv2d_grad_input.default,
-                          (go, w, list(x.shape), *OPCHECK_ARGS, algo), test_utils=utils)
+                          (go, w, list(x.shape), *OPCHECK_ARGS, algo))
     torch.library.opcheck(ops._conv2d_grad_weight.default,
-                          (go, x, list(w.shape), *OPCHECK_ARGS, algo), test_utils=utils)
+                          (go, x, list(w.shape), *OPCHECK_ARGS, algo))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,15 +559,6 @@ def test_grad_op_unknown_algo():
         ops._conv2d_grad_input(go, W, list(X.shape), *GRAD_ARGS, "gemm")
     with pytest.raises(ValueError, match="_conv2d_grad_weight: expected algo to be one of"):
         ops._conv2d_grad_weight(go, X, list(W.shape), *GRAD_ARGS, "gemm")
-
-
-def test_double_backward_is_rejected():
-    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    out = fastconv.conv2d(x, w)
-    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward is not supported"):
-        gx.sum().backward()
 
 
 # (N, C, H, W, O, k, stride, padding, dilation, groups): shapes with input rows and columns that

@@ -397,14 +397,6 @@ def test_backward_of_indices_none_raises():
         out.sum().backward()
 
 
-def test_double_backward_raises():
-    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    out = fastconv.max_pool2d(x, 2)
-    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward is not supported"):
-        gx.sum().backward()
-
-
 # --------------------------------------------------------------------------------------------
 # opcheck
 # --------------------------------------------------------------------------------------------
@@ -422,6 +414,9 @@ def test_opcheck(layout):
         out, idx = torch.ops.fastconv.max_pool2d(x, *args, mode)
         g = torch.randn_like(out)
         torch.library.opcheck(torch.ops.fastconv._max_pool2d_backward.default, (g, x, idx, *args))
+        # differentiated itself (double backward)
+        torch.library.opcheck(torch.ops.fastconv._max_pool2d_backward.default,
+                              (g.clone().requires_grad_(), xg, idx, *args))
 
 
 # --------------------------------------------------------------------------------------------

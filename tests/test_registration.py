@@ -57,15 +57,6 @@ def test_info_command_passes_on_cpu(capsys):
         assert name in out
 
 
-def test_double_backward_is_a_clear_error():
-    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    y = fastconv.conv2d(x, w, algo="im2col")
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward is not supported"):
-        gx.sum().backward()
-
-
 def test_cpu_kernels_are_built_with_the_parallel_backend_of_torch():
     # at::parallel_for is header code: without -fopenmp it compiles to a serial loop and every
     # CPU kernel runs on one core, silently. Guard the build flag.
