@@ -187,6 +187,12 @@ struct ConvOps {
     return conv2d_grad_weight_op().call(go, x, weight_size, stride, padding, dilation, groups,
                                         algo);
   }
+  // GI(go, other = w, size = the input's) when of_input, else GW(go, other = x, size = the
+  // weight's)
+  at::Tensor grad(bool of_input, const at::Tensor& go, const at::Tensor& other,
+                  c10::SymIntArrayRef size) const {
+    return of_input ? grad_input(go, other, size) : grad_weight(go, other, size);
+  }
   // grad_input, grad_weight and (bias_grad) grad_bias of one _depthwise_conv2d_backward call
   std::vector<at::Tensor> depthwise_backward(const at::Tensor& go, const at::Tensor& x,
                                              const at::Tensor& w, bool bias_grad) const {
@@ -357,84 +363,48 @@ at::Tensor depthwise_autograd(const at::Tensor& input, const at::Tensor& weight,
 // The convolutions' backward ops: GI(go, w), GW(go, x) and the fused depthwise backward
 // ---------------------------------------------------------------------------------------------
 
-struct GradInputFunction : public torch::autograd::Function<GradInputFunction> {
+// GI(go, w) (of_input) and GW(go, x): one Function, since each is the other's derivative.
+struct ConvGradFunction : public torch::autograd::Function<ConvGradFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
-                            const at::Tensor& weight, c10::SymIntArrayRef input_size,
-                            const ConvOps& f, const Duals& duals) {
-    save_for_backward(ctx, {grad_output, weight}, duals);
+                            const at::Tensor& other, c10::SymIntArrayRef size, const ConvOps& f,
+                            bool of_input, const Duals& duals) {
+    save_for_backward(ctx, {grad_output, other}, duals);
     f.save(ctx);
+    ctx->saved_data["of_input"] = of_input;
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView below;
-    return f.grad_input(grad_output, weight, input_size);
+    return f.grad(of_input, grad_output, other, size);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(5);  // one per forward argument
+    variable_list out(6);  // one per forward argument
     const at::Tensor& g = grads[0];
     if (!g.defined()) return out;
     const ConvOps f = ConvOps::load(ctx);
-    const variable_list saved = saved_variables(ctx);  // grad_output, weight
-    if (ctx->needs_input_grad(0)) out[0] = f.forward(g, saved[1]);
-    if (ctx->needs_input_grad(1)) out[1] = f.grad_weight(saved[0], g, saved[1].sym_sizes());
+    const bool of_input = ctx->saved_data["of_input"].toBool();
+    const variable_list saved = saved_variables(ctx);
+    const at::Tensor &go = saved[0], &other = saved[1];  // other: the weight, or the input
+    if (ctx->needs_input_grad(0)) out[0] = of_input ? f.forward(g, other) : f.forward(other, g);
+    if (ctx->needs_input_grad(1)) out[1] = f.grad(!of_input, go, g, other.sym_sizes());
     return out;
   }
 };
 
-struct GradWeightFunction : public torch::autograd::Function<GradWeightFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
-                            const at::Tensor& input, c10::SymIntArrayRef weight_size,
-                            const ConvOps& f, const Duals& duals) {
-    save_for_backward(ctx, {grad_output, input}, duals);
-    f.save(ctx);
-    ctx->set_materialize_grads(false);
-    at::AutoDispatchBelowADInplaceOrView below;
-    return f.grad_weight(grad_output, input, weight_size);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(5);  // one per forward argument
-    const at::Tensor& g = grads[0];
-    if (!g.defined()) return out;
-    const ConvOps f = ConvOps::load(ctx);
-    const variable_list saved = saved_variables(ctx);  // grad_output, input
-    if (ctx->needs_input_grad(0)) out[0] = f.forward(saved[1], g);
-    if (ctx->needs_input_grad(1)) out[1] = f.grad_input(saved[0], g, saved[1].sym_sizes());
-    return out;
-  }
-};
-
-at::Tensor grad_input_autograd(const ConvOps& f, const at::Tensor& grad_output,
-                               const at::Tensor& weight, c10::SymIntArrayRef input_size) {
-  const at::Tensor tgo = tangent(grad_output), tw = tangent(weight);
-  const at::Tensor go = primal(grad_output), w = primal(weight);
+at::Tensor conv_grad_autograd(const ConvOps& f, bool of_input, const at::Tensor& grad_output,
+                              const at::Tensor& other, c10::SymIntArrayRef size) {
+  const at::Tensor tgo = tangent(grad_output), tother = tangent(other);
+  const at::Tensor go = primal(grad_output), o = primal(other);
   at::Tensor out;
-  if (needs_graph(go, w)) {
-    out = GradInputFunction::apply(go, w, input_size, f, Duals{grad_output, weight});
+  if (needs_graph(go, o)) {
+    out = ConvGradFunction::apply(go, o, size, f, of_input, Duals{grad_output, other});
   } else {
     at::AutoDispatchBelowADInplaceOrView below;
-    out = f.grad_input(go, w, input_size);
+    out = f.grad(of_input, go, o, size);
   }
-  if (tgo.defined() || tw.defined())
-    out._set_fw_grad(add_defined(tgo.defined() ? f.grad_input(tgo, w, input_size) : at::Tensor(),
-                                 tw.defined() ? f.grad_input(go, tw, input_size) : at::Tensor()),
-                     /*level=*/0, /*is_inplace_op=*/false);
-  return out;
-}
-
-at::Tensor grad_weight_autograd(const ConvOps& f, const at::Tensor& grad_output,
-                                const at::Tensor& input, c10::SymIntArrayRef weight_size) {
-  const at::Tensor tgo = tangent(grad_output), tx = tangent(input);
-  const at::Tensor go = primal(grad_output), x = primal(input);
-  at::Tensor out;
-  if (needs_graph(go, x)) {
-    out = GradWeightFunction::apply(go, x, weight_size, f, Duals{grad_output, input});
-  } else {
-    at::AutoDispatchBelowADInplaceOrView below;
-    out = f.grad_weight(go, x, weight_size);
-  }
-  if (tgo.defined() || tx.defined())
-    out._set_fw_grad(add_defined(tgo.defined() ? f.grad_weight(tgo, x, weight_size) : at::Tensor(),
-                                 tx.defined() ? f.grad_weight(go, tx, weight_size) : at::Tensor()),
+  if (tgo.defined() || tother.defined())
+    out._set_fw_grad(add_defined(tgo.defined() ? f.grad(of_input, tgo, o, size) : at::Tensor(),
+                                 tother.defined() ? f.grad(of_input, go, tother, size)
+                                                  : at::Tensor()),
                      /*level=*/0, /*is_inplace_op=*/false);
   return out;
 }
@@ -443,30 +413,30 @@ at::Tensor conv2d_grad_input_autograd(const at::Tensor& grad_output, const at::T
                                       c10::SymIntArrayRef input_size, IntArrayRef stride,
                                       IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                       c10::string_view algo) {
-  return grad_input_autograd(ConvOps::conv2d(stride, padding, dilation, groups, algo),
-                             grad_output, weight, input_size);
+  return conv_grad_autograd(ConvOps::conv2d(stride, padding, dilation, groups, algo),
+                            /*of_input=*/true, grad_output, weight, input_size);
 }
 
 at::Tensor conv2d_grad_weight_autograd(const at::Tensor& grad_output, const at::Tensor& input,
                                        c10::SymIntArrayRef weight_size, IntArrayRef stride,
                                        IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                        c10::string_view algo) {
-  return grad_weight_autograd(ConvOps::conv2d(stride, padding, dilation, groups, algo),
-                              grad_output, input, weight_size);
+  return conv_grad_autograd(ConvOps::conv2d(stride, padding, dilation, groups, algo),
+                            /*of_input=*/false, grad_output, input, weight_size);
 }
 
 at::Tensor depthwise_grad_input_autograd(const at::Tensor& grad_output, const at::Tensor& weight,
                                          c10::SymIntArrayRef input_size, IntArrayRef stride,
                                          IntArrayRef padding, IntArrayRef dilation) {
-  return grad_input_autograd(ConvOps::depthwise_conv2d(stride, padding, dilation), grad_output,
-                             weight, input_size);
+  return conv_grad_autograd(ConvOps::depthwise_conv2d(stride, padding, dilation),
+                            /*of_input=*/true, grad_output, weight, input_size);
 }
 
 at::Tensor depthwise_grad_weight_autograd(const at::Tensor& grad_output, const at::Tensor& input,
                                           c10::SymIntArrayRef weight_size, IntArrayRef stride,
                                           IntArrayRef padding, IntArrayRef dilation) {
-  return grad_weight_autograd(ConvOps::depthwise_conv2d(stride, padding, dilation), grad_output,
-                              input, weight_size);
+  return conv_grad_autograd(ConvOps::depthwise_conv2d(stride, padding, dilation),
+                            /*of_input=*/false, grad_output, input, weight_size);
 }
 
 // _depthwise_conv2d_backward: (GI(go, w), GW(go, x)[, sum of go]); the gradients of its
