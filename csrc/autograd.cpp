@@ -41,7 +41,8 @@
 // of dgo), computed with the ops themselves and attached to the output (level 0, as torch's own
 // formulas do). The primal values run through the reverse-mode path, so both modes compose.
 //
-// torch.func's grad / vjp / jacrev refuse C++ autograd functions (see README).
+// torch.func's transforms refuse C++ autograd functions: under them fastconv's Python functions
+// use the Python autograd.Functions of fastconv/_functorch.py instead (the same formulas).
 
 #include "common/ops.h"
 

@@ -156,7 +156,8 @@ def _check_pool_backward_args(op, grad_output, input, indices, out_shape, kernel
 
 
 # --------------------------------------------------------------------------------------------
-# vmap: the forward ops take a batch of images already, so a vmapped input folds into it
+# vmap: the ops take a batch of images already, so a vmapped input folds into it; a vmapped
+# weight becomes groups (torch.func.vmap, and the backward ops under torch.func's transforms)
 # --------------------------------------------------------------------------------------------
 
 
@@ -171,31 +172,78 @@ def _unfold(y, batch):
     return y.reshape(batch, y.shape[0] // batch, *y.shape[1:])
 
 
-def _per_sample(op, info, in_dims, args):
-    """op over the vmapped dim one sample at a time, outputs stacked at dim 0: for a vmapped
-    weight or bias, where the samples do not share a kernel."""
-    def sample(i):  # in_dims has a (nested) None for each non-tensor argument
-        return [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
-                for a, d in zip(args, in_dims)]
-
-    outs = [op(*sample(i)) for i in range(info.batch_size)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
-    return torch.stack(outs), 0
+def _to_groups(t, bdim, batch):
+    """(N, C, H, W) images with a vmapped dim at bdim (None: the same for every sample) as one
+    batch of N images of batch * C channels, sample b's channels in block b: what a convolution
+    whose groups are multiplied by batch reads as batch independent convolutions."""
+    t = t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+    return t.transpose(0, 1).reshape(t.shape[1], batch * t.shape[2], *t.shape[3:])
 
 
-def _conv_vmap(op):
-    def rule(info, in_dims, input, weight, bias, *rest):
-        x_dim, w_dim, b_dim = in_dims[:3]
-        if x_dim is None or w_dim is not None or b_dim is not None:
-            return _per_sample(op, info, in_dims, (input, weight, bias, *rest))
-        x, batch = _fold(input, x_dim)
-        return _unfold(op(x, weight, bias, *rest), batch), 0
-    return rule
+def _from_groups(y, batch):
+    """The inverse of _to_groups: (N, batch * C, H, W) -> (batch, N, C, H, W)."""
+    return y.reshape(y.shape[0], batch, y.shape[1] // batch, *y.shape[2:]).transpose(0, 1)
 
 
-lib.register_vmap("fastconv::conv2d", _conv_vmap(torch.ops.fastconv.conv2d))
-lib.register_vmap("fastconv::depthwise_conv2d", _conv_vmap(torch.ops.fastconv.depthwise_conv2d))
+def _stack(t, bdim, batch):
+    """A weight or bias with a vmapped dim at bdim (None: shared) as the samples' weights
+    stacked along dim 0, the weight of the grouped convolution that _to_groups feeds."""
+    t = t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+    return t.reshape(batch * t.shape[1], *t.shape[2:])
+
+
+def _conv_rules(depthwise):
+    """The vmap rules of a convolution's three ops (forward, grad_input, grad_weight). Images
+    vmapped over a shared weight fold into the image batch (one call); a vmapped weight, or
+    grad_weight (which sums over the images), turns the vmapped dim into groups (one call)."""
+    def times_groups(rest, batch):  # conv2d's (stride, padding, dilation, groups, algo)
+        return rest if depthwise else (*rest[:3], rest[3] * batch, *rest[4:])
+
+    def forward(op):
+        def rule(info, in_dims, input, weight, bias, *rest):
+            x_dim, w_dim, b_dim = in_dims[:3]
+            batch = info.batch_size
+            if x_dim is not None and w_dim is None and b_dim is None:
+                x, _ = _fold(input, x_dim)
+                return _unfold(op(x, weight, bias, *rest), batch), 0
+            b = None if bias is None else _stack(bias.unsqueeze(-1), b_dim, batch).flatten()
+            out = op(_to_groups(input, x_dim, batch), _stack(weight, w_dim, batch), b,
+                     *times_groups(rest, batch))
+            return _from_groups(out, batch), 0
+        return rule
+
+    def grad_input(op):
+        def rule(info, in_dims, grad_output, weight, input_size, *rest):
+            g_dim, w_dim = in_dims[:2]
+            batch = info.batch_size
+            if w_dim is None:
+                g, _ = _fold(grad_output, g_dim)
+                size = [batch * input_size[0], *input_size[1:]]
+                return _unfold(op(g, weight, size, *rest), batch), 0
+            size = [input_size[0], batch * input_size[1], *input_size[2:]]
+            out = op(_to_groups(grad_output, g_dim, batch), _stack(weight, w_dim, batch), size,
+                     *times_groups(rest, batch))
+            return _from_groups(out, batch), 0
+        return rule
+
+    def grad_weight(op):
+        def rule(info, in_dims, grad_output, input, weight_size, *rest):
+            batch = info.batch_size
+            size = [batch * weight_size[0], *weight_size[1:]]
+            out = op(_to_groups(grad_output, in_dims[0], batch),
+                     _to_groups(input, in_dims[1], batch), size, *times_groups(rest, batch))
+            return out.reshape(batch, *weight_size), 0
+        return rule
+
+    return forward, grad_input, grad_weight
+
+
+for _names, _depthwise in (
+        (("conv2d", "_conv2d_grad_input", "_conv2d_grad_weight"), False),
+        (("depthwise_conv2d", "_depthwise_conv2d_grad_input", "_depthwise_conv2d_grad_weight"),
+         True)):
+    for _name, _make in zip(_names, _conv_rules(_depthwise)):
+        lib.register_vmap(f"fastconv::{_name}", _make(getattr(torch.ops.fastconv, _name)))
 
 
 @lib.register_vmap("fastconv::max_pool2d")
@@ -205,3 +253,14 @@ def _max_pool2d_vmap(info, in_dims, input, *rest):
     if idx.dim() != 4:  # indices="none": one empty tensor, the same for every sample
         return (_unfold(out, batch), idx), (0, None)
     return (_unfold(out, batch), _unfold(idx, batch)), (0, 0)
+
+
+@lib.register_vmap("fastconv::_max_pool2d_backward")
+def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *rest):
+    batch = info.batch_size
+
+    def fold(t, bdim):  # an argument the samples share is repeated for each
+        return _fold(t if bdim is not None else t.expand(batch, *t.shape), bdim or 0)[0]
+
+    args = [fold(t, d) for t, d in zip((grad_output, input, indices), in_dims[:3])]
+    return _unfold(torch.ops.fastconv._max_pool2d_backward(*args, *rest), batch), 0

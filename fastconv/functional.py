@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import _functorch
 
 __all__ = ["conv2d", "depthwise_conv2d", "max_pool2d"]
 
@@ -80,7 +81,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     stride = C.pair(op, "stride", stride, 1)
     dilation = C.pair(op, "dilation", dilation, 1)
     x, pad = _resolve_padding(op, x, weight, padding, stride, dilation)
-    out = torch.ops.fastconv.conv2d(x, weight, bias, stride, pad, dilation, groups, algo)
+    if _functorch.active():  # torch.func: see fastconv/_functorch.py
+        spec = _functorch.Params("conv2d", stride, pad, dilation, groups, algo)
+        out = _functorch.Conv.apply(x, weight, bias, spec)
+    else:
+        out = torch.ops.fastconv.conv2d(x, weight, bias, stride, pad, dilation, groups, algo)
     return out.squeeze(0) if unbatched else out
 
 
@@ -95,7 +100,11 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
     stride = C.pair(op, "stride", stride, 1)
     dilation = C.pair(op, "dilation", dilation, 1)
     x, pad = _resolve_padding(op, x, weight, padding, stride, dilation)
-    out = torch.ops.fastconv.depthwise_conv2d(x, weight, bias, stride, pad, dilation)
+    if _functorch.active():
+        spec = _functorch.Params("depthwise", stride, pad, dilation)
+        out = _functorch.Conv.apply(x, weight, bias, spec)
+    else:
+        out = torch.ops.fastconv.depthwise_conv2d(x, weight, bias, stride, pad, dilation)
     return out.squeeze(0) if unbatched else out
 
 
@@ -115,14 +124,17 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     stride = C.pair(op, "stride", stride, 1)
     padding = C.pair(op, "padding", padding, 0)
     dilation = C.pair(op, "dilation", dilation, 1)
-    if return_indices:
-        mode = "full"
-    elif torch.is_grad_enabled() and x.requires_grad:
-        mode = "compact"
+    args = (kernel_size, stride, padding, dilation, bool(ceil_mode))
+    if _functorch.active():  # torch's indices, which every transform's formulas read
+        out, idx = _functorch.MaxPool.apply(x, _functorch.Params(*args))
     else:
-        mode = "none"
-    out, idx = torch.ops.fastconv.max_pool2d(
-        x, kernel_size, stride, padding, dilation, bool(ceil_mode), mode)
+        if return_indices:
+            mode = "full"
+        elif torch.is_grad_enabled() and x.requires_grad:
+            mode = "compact"
+        else:
+            mode = "none"
+        out, idx = torch.ops.fastconv.max_pool2d(x, *args, mode)
     if unbatched:
         out = out.squeeze(0)
         if return_indices:

@@ -155,8 +155,9 @@ def test_compiled_autograd_matches_eager():
 @pytest.mark.filterwarnings("error:There is a performance drop")  # torch's per-sample fallback
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_vmap_matches_a_loop(channels_last):
-    # The ops' vmap rules fold the vmapped dim into the image batch (one call), or loop over it
-    # when the weight or bias is vmapped; torch.func.grad / vjp are not supported (README).
+    # The ops' vmap rules fold the vmapped dim into the image batch, or into the groups when
+    # the weight or bias is vmapped: one call either way (tests/test_func.py: the other
+    # transforms).
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = torch.randn(3, 2, 4, 7, 7, dtype=torch.float64)
@@ -173,7 +174,7 @@ def test_vmap_matches_a_loop(channels_last):
         (lambda x: fastconv.max_pool2d(x, 2, return_indices=True), (xs,), 0),
         # vmapped dim not first
         (lambda x: fastconv.depthwise_conv2d(x, w, padding=1), (xs.movedim(0, 2),), 2),
-        # vmapped weight / bias: one call per sample
+        # vmapped weight / bias: the vmapped dim becomes groups (one call)
         (lambda x, w: fastconv.conv2d(x, w, None, 1, 1, 1, 4), (xs, ws), 0),
         (lambda x, b: fastconv.depthwise_conv2d(x, w, b, padding=1), (xs, bs), 0),
         (lambda w: fastconv.conv2d(xs[0], w, None, 1, 1, 1, 4), (ws,), 0),
