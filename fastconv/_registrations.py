@@ -192,6 +192,11 @@ def _stack(t, bdim, batch):
     return t.reshape(batch * t.shape[1], *t.shape[2:])
 
 
+def _sample(t, bdim):
+    """One sample of a vmapped argument (the argument itself when it is not vmapped)."""
+    return t if t is None or bdim is None else t.select(bdim, 0)
+
+
 def _conv_rules(depthwise):
     """The vmap rules of a convolution's three ops (forward, grad_input, grad_weight). Images
     vmapped over a shared weight fold into the image batch (one call); a vmapped weight, or
@@ -206,6 +211,13 @@ def _conv_rules(depthwise):
             if x_dim is not None and w_dim is None and b_dim is None:
                 x, _ = _fold(input, x_dim)
                 return _unfold(op(x, weight, bias, *rest), batch), 0
+            # the samples' own shapes are checked here, so that an error names the caller's
+            # sizes rather than the grouped call's
+            op_name = "depthwise_conv2d" if depthwise else "conv2d"
+            x0, w0, b0 = _sample(input, x_dim), _sample(weight, w_dim), _sample(bias, b_dim)
+            shape = (C.depthwise_shapes(op_name, x0.shape, w0.shape, *rest[:3]) if depthwise
+                     else C.conv2d_shapes(op_name, x0.shape, w0.shape, *rest[:4]))
+            C.check_bias(op_name, b0, x0, shape[1])
             b = None if bias is None else _stack(bias.unsqueeze(-1), b_dim, batch).flatten()
             out = op(_to_groups(input, x_dim, batch), _stack(weight, w_dim, batch), b,
                      *times_groups(rest, batch))
@@ -236,6 +248,20 @@ def _conv_rules(depthwise):
         return rule
 
     return forward, grad_input, grad_weight
+
+
+@lib.register_vmap("fastconv::_depthwise_conv2d_backward")
+def _depthwise_backward_vmap(info, in_dims, grad_output, input, weight, *rest):
+    # the vmapped dim becomes channels (groups): grad_weight and grad_bias sum over the images
+    batch = info.batch_size
+    g_dim, x_dim, w_dim = in_dims[:3]
+    grads = torch.ops.fastconv._depthwise_conv2d_backward(
+        _to_groups(grad_output, g_dim, batch), _to_groups(input, x_dim, batch),
+        _stack(weight, w_dim, batch), *rest)
+    out = [_from_groups(grads[0], batch), grads[1].reshape(batch, *_sample(weight, w_dim).shape)]
+    if len(grads) > 2:
+        out.append(grads[2].reshape(batch, -1))
+    return out, [0] * len(out)
 
 
 for _names, _depthwise in (

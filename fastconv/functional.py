@@ -55,8 +55,11 @@ def _resolve_padding(op, input, weight, padding, stride, dilation):
         extra = [t - l for t, l in zip(total, left)]
         extra = [e - l for e, l in zip(extra, left)]
         if extra[0] or extra[1]:
-            fmt = C.suggest_memory_format(input)
-            input = F.pad(input, [0, extra[1], 0, extra[0]]).contiguous(memory_format=fmt)
+            padded = F.pad(input, [0, extra[1], 0, extra[0]])
+            if _functorch.active():  # vmap cannot ask a tensor its memory format: keep F.pad's
+                input = padded
+            else:
+                input = padded.contiguous(memory_format=C.suggest_memory_format(input))
         return input, (left[0], left[1])
     return input, C.pair(op, "padding", padding, 0)
 

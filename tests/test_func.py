@@ -212,3 +212,62 @@ def test_the_raw_ops_under_a_transform_are_a_clear_error():
     with pytest.raises(RuntimeError, match="C\\+\\+ torch::autograd::Function with functorch"):
         grad(lambda x: ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1, "auto").sum())(
             torch.randn(1, 2, 5, 5))
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_over_autograd_grad_matches_torch(device):
+    # cotangents vmapped into a graph built outside any transform: the C++ backward's ops,
+    # the fused depthwise backward included, run under vmap with their rules
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 4, 6, 6, **kw).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(8, 1, 3, 3, **kw, requires_grad=True)
+    b = torch.randn(8, **kw, requires_grad=True)
+    w2 = torch.randn(6, 4, 3, 3, **kw, requires_grad=True)
+    for layer, ref, inputs in [
+        (lambda: fastconv.depthwise_conv2d(x, w, b, 1, 1), lambda: F.conv2d(x, w, b, 1, 1, 1, 4),
+         (x, w, b)),
+        (lambda: fastconv.conv2d(x, w, b, 1, 1, 1, 4), lambda: F.conv2d(x, w, b, 1, 1, 1, 4),
+         (x, w, b)),
+        (lambda: fastconv.conv2d(x, w2, None, 2, 1), lambda: F.conv2d(x, w2, None, 2, 1), (x, w2)),
+        (lambda: fastconv.max_pool2d(x, 3, 2, 1), lambda: F.max_pool2d(x, 3, 2, 1), (x,)),
+    ]:
+        out, out_ref = layer(), ref()
+        vs = torch.randn(3, *out.shape, **kw)
+        got = vmap(lambda v: torch.autograd.grad(out, inputs, v, retain_graph=True))(vs)
+        want = vmap(lambda v: torch.autograd.grad(out_ref, inputs, v, retain_graph=True))(vs)
+        _assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_padding_with_an_extra_row_under_vmap(device):
+    # padding='same' with an even kernel pads one extra row and column itself; under vmap it
+    # cannot ask a channels_last input for its layout, and does not need to
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(3, 2, 4, 6, 5, **kw).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    w = torch.randn(6, 4, 2, 2, **kw)
+    dw = torch.randn(4, 1, 4, 2, **kw)
+    for mine, ref in [
+        (lambda x: fastconv.conv2d(x, w, padding="same"), lambda x: F.conv2d(x, w, padding="same")),
+        (lambda x: fastconv.depthwise_conv2d(x, dw, padding="same", dilation=(1, 2)),
+         lambda x: F.conv2d(x, dw, padding="same", dilation=(1, 2), groups=4)),
+    ]:
+        assert_close(vmap(mine)(x), vmap(ref)(x))
+        assert_close(vmap(grad(lambda x: mine(x).square().sum()))(x),
+                     vmap(grad(lambda x: ref(x).square().sum()))(x))
+
+
+def test_vmapped_weight_and_bias_errors_name_the_callers_sizes():
+    # a vmapped weight runs one grouped call; its arguments are still checked per sample
+    x = torch.randn(2, 4, 6, 5)
+    ws = torch.randn(3, 6, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"expected input channels \(4\) to be divisible by "
+                                         r"groups \(3\)"):
+        vmap(lambda w: fastconv.conv2d(x, w, None, 1, 1, 1, 3))(ws)
+    for bad in (torch.randn(3, 5), torch.randn(3, 6, 1), torch.randn(3, 2, 3)):
+        with pytest.raises(ValueError, match=r"expected bias to be a 1-D tensor of size "
+                                             r"out_channels \(6\), but got shape \["):
+            vmap(lambda w, b: fastconv.conv2d(x, w, b, 1, 1))(ws, bad)
+        with pytest.raises(ValueError, match="expected bias to be a 1-D tensor"):
+            vmap(lambda b: fastconv.conv2d(x, ws[0], b, 1, 1))(bad)
