@@ -13,13 +13,32 @@ order of differentiation works under the transforms too. Outside transforms noth
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 ops = torch.ops.fastconv
 
 
-def active() -> bool:
-    """Whether a torch.func transform is running (fastconv's functions then come here)."""
+def transforming() -> bool:
+    """Whether any torch.func transform is running."""
     return torch._C._are_functorch_transforms_active()
+
+
+def active() -> bool:
+    """Whether a torch.func transform other than vmap is running (fastconv's functions then come
+    here). Under vmap alone the ops run as they are: their vmap rules batch them, and autograd
+    records them below the transform as usual."""
+    if not transforming():
+        return False
+    return any(i.key() != TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def requires_grad(t: torch.Tensor) -> bool:
+    """t.requires_grad, also under vmap, where a batched tensor reports False for an input
+    that requires grad below the transform."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 class Params:

@@ -56,7 +56,7 @@ def _resolve_padding(op, input, weight, padding, stride, dilation):
         extra = [e - l for e, l in zip(extra, left)]
         if extra[0] or extra[1]:
             padded = F.pad(input, [0, extra[1], 0, extra[0]])
-            if _functorch.active():  # vmap cannot ask a tensor its memory format: keep F.pad's
+            if _functorch.transforming():  # vmap cannot ask a tensor its layout: keep F.pad's
                 input = padded
             else:
                 input = padded.contiguous(memory_format=C.suggest_memory_format(input))
@@ -133,7 +133,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     else:
         if return_indices:
             mode = "full"
-        elif torch.is_grad_enabled() and x.requires_grad:
+        elif torch.is_grad_enabled() and _functorch.requires_grad(x):
             mode = "compact"
         else:
             mode = "none"

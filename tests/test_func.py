@@ -190,8 +190,9 @@ def test_max_pool2d_backward_vmap_rule_matches_a_loop(device):
             assert_close(got[i], ops._max_pool2d_backward(*sample, *args))
 
 
-def test_only_transforms_take_the_python_path():
-    # outside torch.func the functions call the ops (C++ autograd); inside, the Functions
+def test_only_differentiating_transforms_take_the_python_path():
+    # outside torch.func, and under vmap alone, the functions call the ops (C++ autograd);
+    # under grad / jvp and the like, the Functions
     assert not fastconv._functorch.active()
     x = torch.randn(1, 2, 5, 5, requires_grad=True)
     w = torch.randn(3, 2, 3, 3)
@@ -203,7 +204,30 @@ def test_only_transforms_take_the_python_path():
         return fastconv.conv2d(x, w).sum()
 
     grad(f)(x.detach())
-    assert seen == [True]
+    vmap(f)(x.detach()[None])
+    vmap(grad(f))(x.detach()[None])
+    grad(lambda x: vmap(f)(x).sum())(x.detach()[None])
+    assert seen == [True, False, True, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_alone_keeps_the_graph_below_it(device):
+    # under vmap alone the ops' autograd records below the transform: a backward through a
+    # vmapped max_pool2d needs indices, although a batched input reports requires_grad=False
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(3, 2, 4, 7, 6, **kw, requires_grad=True)
+    w = torch.randn(3, 5, 4, 3, 3, **kw, requires_grad=True)
+
+    def net(conv, pool):
+        return lambda x, w: pool(conv(x, w)).square().sum()
+
+    mine = vmap(net(lambda x, w: fastconv.conv2d(x, w, None, 1, 1),
+                    lambda t: fastconv.max_pool2d(t, 3, 2, 1)))(x, w)
+    ref = torch.stack([net(lambda x, w: F.conv2d(x, w, None, 1, 1),
+                           lambda t: F.max_pool2d(t, 3, 2, 1))(x[i], w[i]) for i in range(3)])
+    assert_close(mine, ref)
+    _assert_trees_close(torch.autograd.grad(mine.sum(), (x, w)),
+                        torch.autograd.grad(ref.sum(), (x, w)))
 
 
 def test_the_raw_ops_under_a_transform_are_a_clear_error():
