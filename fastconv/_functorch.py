@@ -2,12 +2,13 @@
 any of them).
 
 The ops' autograd formulas are C++ autograd functions (csrc/autograd.cpp), which torch refuses
-under functorch transforms: a C++ function does not know functorch's levels. While a transform
-is active, fastconv's public functions therefore go through the Python autograd.Functions
-below instead, which functorch runs level by level (torch.func's "extending" rules: forward
-without ctx, setup_context, and a generated vmap rule). They hold the same formulas as the C++
-ones and call the same kernels; their backward and jvp call these Functions again, so every
-order of differentiation works under the transforms too. Outside transforms nothing here runs.
+under functorch's differentiating transforms: a C++ function does not know functorch's levels.
+While one is active, fastconv's public functions therefore go through the Python
+autograd.Functions below instead, which functorch runs level by level (torch.func's "extending"
+rules: forward without ctx, setup_context, and a generated vmap rule). They hold the same
+formulas as the C++ ones and call the same kernels; their backward and jvp call these Functions
+again, so every order of differentiation works under the transforms too. Outside transforms,
+and under vmap alone (the ops' vmap rules batch them), nothing here runs.
 """
 
 from __future__ import annotations

@@ -172,11 +172,17 @@ def _unfold(y, batch):
     return y.reshape(batch, y.shape[0] // batch, *y.shape[1:])
 
 
+def _batch_first(t, bdim, batch):
+    """t with its vmapped dim (bdim) first; an argument the samples share (bdim None) is
+    expanded to one per sample."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+
+
 def _to_groups(t, bdim, batch):
     """(N, C, H, W) images with a vmapped dim at bdim (None: the same for every sample) as one
     batch of N images of batch * C channels, sample b's channels in block b: what a convolution
     whose groups are multiplied by batch reads as batch independent convolutions."""
-    t = t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+    t = _batch_first(t, bdim, batch)
     return t.transpose(0, 1).reshape(t.shape[1], batch * t.shape[2], *t.shape[3:])
 
 
@@ -188,7 +194,7 @@ def _from_groups(y, batch):
 def _stack(t, bdim, batch):
     """A weight or bias with a vmapped dim at bdim (None: shared) as the samples' weights
     stacked along dim 0, the weight of the grouped convolution that _to_groups feeds."""
-    t = t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+    t = _batch_first(t, bdim, batch)
     return t.reshape(batch * t.shape[1], *t.shape[2:])
 
 
@@ -284,9 +290,6 @@ def _max_pool2d_vmap(info, in_dims, input, *rest):
 @lib.register_vmap("fastconv::_max_pool2d_backward")
 def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *rest):
     batch = info.batch_size
-
-    def fold(t, bdim):  # an argument the samples share is repeated for each
-        return _fold(t if bdim is not None else t.expand(batch, *t.shape), bdim or 0)[0]
-
-    args = [fold(t, d) for t, d in zip((grad_output, input, indices), in_dims[:3])]
+    args = [_fold(_batch_first(t, d, batch), 0)[0]
+            for t, d in zip((grad_output, input, indices), in_dims[:3])]
     return _unfold(torch.ops.fastconv._max_pool2d_backward(*args, *rest), batch), 0
