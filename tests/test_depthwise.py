@@ -259,14 +259,17 @@ def test_register_blocked_stride1_kernels(case, layout):
 
 
 # The channels_last float32 fast path (stride 1, dilation 1, multiplier 1, C % 16 == 0, square
-# 3/5/7): blocks of 8, 4 and 1 pixels, border blocks, paddings from 0 to K (grad_input's
-# effective padding K - 1 - p then goes negative), rows outside the image; width 16 with
-# padding 1 gives 3x3 grad_weight blocks whose first and whose last input column is outside.
+# 3/5/7): blocks of 8 pixels and a last block of every size 1..7 (the widths give each kernel
+# size every output width modulo 8, for the forward and for grad_input), border blocks,
+# paddings from 0 to K (grad_input's effective padding K - 1 - p then goes negative), rows
+# outside the image; width 16 with padding 1 gives 3x3 grad_weight blocks whose first and
+# whose last input column is outside.
 NHWC_FAST_CASES = [
     (c, k, h, w, p)
     for c in (16, 48)
     for k in (3, 5, 7)
-    for (h, w) in ((1, 1), (3, 9), (6, 13), (9, 21), (5, 16))
+    for (h, w) in ((1, 1), (3, 9), (6, 13), (9, 21), (5, 16), (2, 7), (3, 10), (2, 11), (3, 12),
+                   (2, 14))
     for p in (0, k // 2, k)
     if h + 2 * p >= k and w + 2 * p >= k
 ]

@@ -69,6 +69,14 @@ __attribute__((always_inline)) inline void load_columns(const float* row, int64_
   }
 }
 
+// Calls f(std::integral_constant<int, n>()) for a block size n in [1, N), nothing for n == 0.
+template <int N, typename F>
+inline void with_tail(int64_t n, F&& f) {
+  static_for<N>([&](auto i) {
+    if (decltype(i)::value > 0 && n == decltype(i)::value) f(i);
+  });
+}
+
 // Output pixels [ow0, ow0 + P) of one row, one channel block. rows[kh]: the input row oh - ph +
 // kh at this channel block, nullptr outside the image. INTERIOR: every column the block reads
 // is inside the image.
@@ -136,8 +144,11 @@ inline void corr_row_block(const float* const* rows, const Geometry& g, const fl
                 slices = g.C / 16 * rows_per_task * nb;
   int64_t ow = 0;
   corr_blocks<K, 8, NT>(r, g, wk + c0, init, orow + c0, ow, pf, slice0, slices);
-  corr_blocks<K, 4, NT>(r, g, wk + c0, init, orow + c0, ow, Trickle(), 0, 0);
-  corr_blocks<K, 1, NT>(r, g, wk + c0, init, orow + c0, ow, Trickle(), 0, 0);
+  // the last OW % 8 pixels as one block: 4 + 1 + 1 + 1 blocks loaded their input columns and
+  // weights once per block, which made the narrow rows of late stages (OW = 7, 14) load-bound
+  with_tail<8>(g.OW - ow, [&](auto p) {
+    corr_blocks<K, decltype(p)::value, NT>(r, g, wk + c0, init, orow + c0, ow, Trickle(), 0, 0);
+  });
 }
 
 // Row ih of image n of an (N, H, W, C) tensor, or nullptr outside the image.
@@ -220,11 +231,10 @@ void correlate(const float* x, const float* wk, const float* bias, float* out, i
 // is inside the image; otherwise columns outside read as zero.
 constexpr int kGwBlock = 8;
 
-template <int K, int S, bool INTERIOR>
+template <int K, int S, bool INTERIOR, int P = kGwBlock>
 __attribute__((always_inline)) inline void gw_block(const float* xr, const float* gr, int64_t W,
                                                     int64_t C, int64_t pw, int64_t ow,
                                                     __m512 (*acc)[K]) {
-  constexpr int P = kGwBlock;
   __m512 gv[P], xv[P + K - 1];
   for (int p = 0; p < P; ++p) gv[p] = _mm512_loadu_ps(gr + (ow + p) * C);
   load_columns<P + K - 1, INTERIOR, true>(xr, ow - pw, W, C, xv);
@@ -275,31 +285,29 @@ void gw_blocks(const float* xr, const float* gr, int64_t W, int64_t C, int64_t p
   gw_blocks_s<K, (K <= 5 ? 2 : 1)>(xr, gr, W, C, pw, nblk, part);
 }
 
-// The same sums for single pixels [ow0, ow1) with bounds checks.
-template <int K>
-__attribute__((noinline)) void gw_pixels(const float* xr, const float* gr, int64_t W, int64_t C,
-                                         int64_t pw, int64_t ow0, int64_t ow1, float* part) {
-  if (ow1 <= ow0) return;
-  __m512 acc[K];
-  for (int kw = 0; kw < K; ++kw) acc[kw] = _mm512_loadu_ps(part + kw * 16);
-  for (int64_t ow = ow0; ow < ow1; ++ow) {
-    const __m512 gv = _mm512_loadu_ps(gr + ow * C);
-    for (int kw = 0; kw < K; ++kw) {
-      const int64_t iw = ow - pw + kw;
-      const __m512 xv = iw >= 0 && iw < W ? _mm512_loadu_ps(xr + iw * C) : _mm512_setzero_ps();
-      acc[kw] = _mm512_fmadd_ps(gv, xv, acc[kw]);
-    }
-  }
-  for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part + kw * 16, acc[kw]);
+// The same sums for the P < 8 pixels [ow, ow + P) as one block, one set of sums (each sum takes
+// the pixels in column order, as one pixel at a time did: the same bits).
+template <int K, int P>
+__attribute__((noinline)) void gw_tail(const float* xr, const float* gr, int64_t W, int64_t C,
+                                       int64_t pw, int64_t ow, float* part) {
+  __m512 acc[1][K];
+  for (int kw = 0; kw < K; ++kw) acc[0][kw] = _mm512_loadu_ps(part + kw * 16);
+  if (ow - pw >= 0 && ow - pw + P + K - 1 <= W)
+    gw_block<K, 1, true, P>(xr, gr, W, C, pw, ow, acc);
+  else
+    gw_block<K, 1, false, P>(xr, gr, W, C, pw, ow, acc);
+  for (int kw = 0; kw < K; ++kw) _mm512_storeu_ps(part + kw * 16, acc[0][kw]);
 }
 
-// One grad_output row against one kernel row: full blocks, then the last OW % P pixels one by
-// one (in column order, so the sums are the same for any split of the work).
+// One grad_output row against one kernel row: full blocks, then the last OW % 8 pixels as one
+// block (pixel by pixel, they were load-bound on the narrow rows of late stages).
 template <int K>
 void gw_row(const float* xr, const float* gr, const Geometry& g, float* part) {
   const int64_t nblk = g.OW / kGwBlock;
   if (nblk > 0) gw_blocks<K>(xr, gr, g.W, g.C, g.pw, nblk, part);
-  gw_pixels<K>(xr, gr, g.W, g.C, g.pw, nblk * kGwBlock, g.OW, part);
+  with_tail<kGwBlock>(g.OW - nblk * kGwBlock, [&](auto p) {
+    gw_tail<K, decltype(p)::value>(xr, gr, g.W, g.C, g.pw, nblk * kGwBlock, part);
+  });
 }
 
 // gw[c][kh][kw] = the sum over chunks, in chunk order, of partial[chunk][c / 16][kh][kw][c % 16]
@@ -516,7 +524,7 @@ inline void rows3_blocks(const Rows3& rw, const Geometry& g, const Geometry& gg,
   }
 }
 
-// All pixels of one task: blocks of 8, then 4, then single pixels.
+// All pixels of one task: blocks of 8, then 4, then the last OW % 4 pixels as one block.
 template <bool TWO, bool GI, bool NT>
 void rows3(const Rows3& rw, const Geometry& g, const Geometry& gg, const float* wflip,
            float* part, float* bp, const Trickle& next) {
@@ -524,7 +532,9 @@ void rows3(const Rows3& rw, const Geometry& g, const Geometry& gg, const float* 
   int64_t ow = 0;
   rows3_blocks<8, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
   rows3_blocks<4, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
-  rows3_blocks<1, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
+  with_tail<4>(g.OW - ow, [&](auto p) {
+    rows3_blocks<decltype(p)::value, TWO, GI, NT>(rw, g, gg, wflip, part, bp, ow, next, slices);
+  });
 }
 
 // Fixed number of row chunks for the deterministic grad_weight reduction.
