@@ -1026,14 +1026,30 @@ void sum_lanes(const acc_t* acc, int64_t count, acc_t* dst) {
   }
 }
 
+// Returns partial[0, count) overwritten with, for each i, the sum from zero over the chunks, in
+// chunk order, of partial[chunk * count + i]. It adds chunk by chunk over contiguous memory, the
+// elements split between the threads (element by element across the chunks it was a serial,
+// strided walk that took most of the grad_weight op at small feature maps: C=576, 14x14,
+// stride 2, N=8 has 56 chunks of 9 * 576 sums; see benchmarks/NOTES.md). The same bits.
+template <typename acc_t>
+acc_t* add_chunks(std::vector<acc_t>& partial, int64_t chunks, int64_t count) {
+  acc_t* sum = partial.data();
+  at::parallel_for(0, count, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) sum[i] = acc_t(0) + sum[i];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const acc_t* src = partial.data() + chunk * count;
+      FC_IVDEP
+      for (int64_t i = begin; i < end; ++i) sum[i] += src[i];
+    }
+  });
+  return sum;
+}
+
 // out[i] = the sum over chunks, in chunk order, of partial[chunk * count + i].
 template <typename acc_t, typename scalar_t>
-void sum_chunks(const std::vector<acc_t>& partial, int64_t chunks, int64_t count, scalar_t* out) {
-  for (int64_t i = 0; i < count; ++i) {
-    acc_t sum = 0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * count + i];
-    out[i] = static_cast<scalar_t>(sum);
-  }
+void sum_chunks(std::vector<acc_t>& partial, int64_t chunks, int64_t count, scalar_t* out) {
+  const acc_t* sum = add_chunks(partial, chunks, count);
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(sum[i]);
 }
 
 #if defined(__AVX512F__)
@@ -1701,30 +1717,37 @@ void gi_nhwc_tile(const NhwcShape& a, const acc_t* const* rp, int64_t blk, int64
   }
 }
 
-// grad_input, NHWC, any stride: one input row (n, ih), channels [c0, c0 + V), driven by the
-// precomputed gather lists (the (tap, output) pairs that reach each input position; no
-// divisions in the pixel loop), reading grad_output straight from the tensor.
-template <int V, typename acc_t, typename scalar_t>
+// grad_input, NHWC, any stride: one input row (n, ih), driven by the precomputed gather lists
+// (the (tap, output) pairs that reach each input position; no divisions in the pixel loop),
+// reading grad_output straight from the tensor. Pixel by pixel, all channel blocks of a pixel
+// before the next, so grad_input is written and each grad_output pixel read in address order
+// (channel block by channel block over the whole row, the reads and the streaming stores were
+// 64-byte lines C * 4 bytes apart, and the op ran at ~5 GB/s: C=96, 112x112, stride 2, N=8
+// measured 9.1 -> see benchmarks/NOTES.md). Each element sums its taps in the same order.
+template <typename acc_t, typename scalar_t>
 void gi_nhwc_gather_row(const NhwcShape& a, const TapList& lh, const TapList& lw,
-                        const scalar_t* gon, const acc_t* wt, scalar_t* girow, int64_t c0,
-                        int64_t ih) {
-  using vec = vec_t<acc_t, V>;
+                        const scalar_t* gon, const acc_t* wt, scalar_t* girow, int64_t ih) {
   const int64_t KW = a.KW, K2 = a.KH * a.KW, C = a.C, OW = a.OW, OCk = a.m * a.C;
   const int64_t h0 = lh.start[ih], h1 = lh.start[ih + 1];
   for (int64_t iw = 0; iw < a.W; ++iw) {
-    vec acc{};
     const int64_t w0 = lw.start[iw], w1 = lw.start[iw + 1];
-    for (int64_t hi = h0; hi < h1; ++hi) {
-      const int64_t kh = lh.tap[hi], oh = lh.pos[hi];
-      for (int64_t wi = w0; wi < w1; ++wi) {
-        const int64_t kw = lw.tap[wi], ow = lw.pos[wi];
-        const scalar_t* gp = gon + (oh * OW + ow) * OCk + c0;
-        const acc_t* wp = wt + nhwc_wblock(0, c0, C, K2) + (kh * KW + kw) * V;
-        for (int64_t k = 0; k < a.m; ++k)
-          acc += vload<V>(wp + k * C * K2) * vload_acc<V>(gp + k * C);
+    scalar_t* dst = girow + iw * C;
+    for_channel_blocks<kLanes<acc_t>>(C, [&](auto v, int64_t c0) {
+      constexpr int V = decltype(v)::value;
+      vec_t<acc_t, V> acc{};
+      const acc_t* wb = wt + nhwc_wblock(0, c0, C, K2);
+      for (int64_t hi = h0; hi < h1; ++hi) {
+        const int64_t kh = lh.tap[hi], oh = lh.pos[hi];
+        for (int64_t wi = w0; wi < w1; ++wi) {
+          const int64_t kw = lw.tap[wi], ow = lw.pos[wi];
+          const scalar_t* gp = gon + (oh * OW + ow) * OCk + c0;
+          const acc_t* wp = wb + (kh * KW + kw) * V;
+          for (int64_t k = 0; k < a.m; ++k)
+            acc += vload<V>(wp + k * C * K2) * vload_acc<V>(gp + k * C);
+        }
       }
-    }
-    vstore_from<acc_t, V>(girow + iw * C + c0, acc, a.nt);
+      vstore_from<acc_t, V>(dst + c0, acc, a.nt);
+    });
   }
 }
 
@@ -1741,10 +1764,7 @@ struct GradInputNhwc {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / a.H, ih = row % a.H;
           const scalar_t* gon = go + n * a.OH * a.OW * OCk;
-          for_channel_blocks<kLanes<acc_t>>(a.C, [&](auto v, int64_t c0) {
-            gi_nhwc_gather_row<decltype(v)::value>(a, lh, lw, gon, wt, gi + row * a.W * a.C, c0,
-                                                  ih);
-          });
+          gi_nhwc_gather_row(a, lh, lw, gon, wt, gi + row * a.W * a.C, ih);
         }
         nt_fence();
       });
@@ -1923,17 +1943,12 @@ void grad_weight_nhwc(const Tensor& grad_output, const Tensor& input, Tensor& gr
   std::vector<acc_t> partial(static_cast<size_t>(T * K2 * OCk));
   dispatch_kernel_size<GradWeightNhwc>(a.KH, a.KW, a, s.batch, input.data_ptr<scalar_t>(),
                                        gokm.data_ptr<scalar_t>(), partial, T);
+  const acc_t* sum = add_chunks(partial, T, K2 * OCk);
   scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-  for (int64_t c = 0; c < a.C; ++c) {
-    for (int64_t k = 0; k < a.m; ++k) {
-      for (int64_t t = 0; t < K2; ++t) {
-        acc_t sum = 0;
-        for (int64_t chunk = 0; chunk < T; ++chunk)
-          sum += partial[(chunk * K2 + t) * OCk + k * a.C + c];
-        gw[(c * a.m + k) * K2 + t] = static_cast<scalar_t>(sum);
-      }
-    }
-  }
+  for (int64_t c = 0; c < a.C; ++c)
+    for (int64_t k = 0; k < a.m; ++k)
+      for (int64_t t = 0; t < K2; ++t)
+        gw[(c * a.m + k) * K2 + t] = static_cast<scalar_t>(sum[t * OCk + k * a.C + c]);
 }
 
 }  // namespace
