@@ -159,22 +159,37 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict__ a,
   }
 }
 
-// Packs A (element (m, k) at a[m * rs + k * cs]) into MR-row panels: ap[p][k][r], zero rows
-// past M.
+// Panels [p0, p1) of pack_a below.
 template <typename T>
-void pack_a(const T* a, int64_t rs, int64_t cs, int64_t M, int64_t K, T* ap) {
-  for (int64_t p = 0; p * kMR < M; ++p) {
+void pack_a_panels(const T* a, int64_t rs, int64_t cs, int64_t M, int64_t K, T* ap, int64_t p0,
+                   int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
     T* dst = ap + p * K * kMR;
     const int64_t mr = std::min<int64_t>(kMR, M - p * kMR);
+    const T* src = a + p * kMR * rs;
+    if (rs == 1 && mr == kMR) {
+      // A transposed in memory (a weight W^T): the panel's kMR rows are contiguous at each k,
+      // so read and write kMR elements at a time (row by row, every read was cs apart)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = 0; r < kMR; ++r) dst[k * kMR + r] = src[k * cs + r];
+      continue;
+    }
     for (int64_t r = 0; r < kMR; ++r) {
       if (r >= mr) {
         for (int64_t k = 0; k < K; ++k) dst[k * kMR + r] = T(0);
         continue;
       }
-      const T* src = a + (p * kMR + r) * rs;
-      for (int64_t k = 0; k < K; ++k) dst[k * kMR + r] = src[k * cs];
+      const T* row = src + r * rs;
+      for (int64_t k = 0; k < K; ++k) dst[k * kMR + r] = row[k * cs];
     }
   }
+}
+
+// Packs A (element (m, k) at a[m * rs + k * cs]) into MR-row panels: ap[p][k][r], zero rows
+// past M.
+template <typename T>
+void pack_a(const T* a, int64_t rs, int64_t cs, int64_t M, int64_t K, T* ap) {
+  pack_a_panels(a, rs, cs, M, K, ap, 0, (M + kMR - 1) / kMR);
 }
 
 // Columns per block of N: the B block (kKC x kNC elements, 480 KiB in float32 and in float64)

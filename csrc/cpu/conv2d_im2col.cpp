@@ -310,14 +310,31 @@ bool grad_input_as_forward_shape(const Conv2dShape& s, Conv2dShape& t) {
   return true;
 }
 
-// w[g * Og + o, c, i, j] -> wt[g * Cg + c, o, kH - 1 - i, kW - 1 - j]
+// w[g * Og + o, c, i, j] -> wt[g * Cg + c, o, kH - 1 - i, kW - 1 - j], one pass on all threads
+// (ATen's flip, then a transposing copy, took a quarter of grad_input for 1x1 512 -> 2048 at
+// 7x7: two strided copies of the 4 MiB weight; see benchmarks/NOTES.md). Each thread writes
+// whole rows (g, c) of wt; the rows of neighbouring c read the same lines of w.
 at::Tensor flipped_transposed_weight(const at::Tensor& weight, const Conv2dShape& s) {
   const int64_t G = s.groups, Og = s.out_channels / G, Cg = s.in_channels / G;
-  return weight.view({G, Og, Cg, s.kernel_h, s.kernel_w})
-      .flip({3, 4})
-      .transpose(1, 2)
-      .contiguous()
-      .view({s.in_channels, Og, s.kernel_h, s.kernel_w});
+  const int64_t kk = s.kernel_h * s.kernel_w;
+  const at::Tensor w = weight.contiguous();
+  at::Tensor wt = at::empty({s.in_channels, Og, s.kernel_h, s.kernel_w}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, w.scalar_type(), "flipped_transposed_weight", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    scalar_t* dst = wt.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, G * Cg, parallel_grain(Og * kk), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t g = row / Cg, c = row % Cg;
+        scalar_t* d = dst + row * Og * kk;
+        const scalar_t* sg = src + (g * Og * Cg + c) * kk;
+        for (int64_t o = 0; o < Og; ++o) {
+          const scalar_t* so = sg + o * Cg * kk;
+          for (int64_t t = 0; t < kk; ++t) d[o * kk + (kk - 1 - t)] = so[t];
+        }
+      }
+    });
+  });
+  return wt;
 }
 
 // ---- at::mm back end -------------------------------------------------------------------
@@ -733,29 +750,38 @@ at::Tensor pack_weight(const at::Tensor& weight, const Conv2dShape& s, bool tran
   at::Tensor packed = at::empty({G * size}, weight.options());
   const T* w = weight.const_data_ptr<T>();
   T* ap = packed.mutable_data_ptr<T>();
-  at::parallel_for(0, G, parallel_grain(Og * Kg), [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see kWorkerThreads
-    for (int64_t g = begin; g < end; ++g) {
+  // (group, panel) units on all threads: one group's weight packed by one thread left the
+  // other idle (1x1 512 -> 2048 grad_input: a fifth of the op; see benchmarks/NOTES.md)
+  const int64_t M = transpose ? Kg : Og, K = transpose ? Og : Kg;
+  const int64_t panels = (M + gemm::kMR - 1) / gemm::kMR;
+  at::parallel_for(0, G * panels, parallel_grain(gemm::kMR * K), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end;) {
+      const int64_t g = u / panels, p0 = u % panels, p1 = std::min(panels, p0 + (end - u));
       if (transpose) {
-        gemm::pack_a(w + g * Og * Kg, 1, Kg, Kg, Og, ap + g * size);
+        gemm::pack_a_panels(w + g * Og * Kg, int64_t(1), Kg, M, K, ap + g * size, p0, p1);
       } else {
-        gemm::pack_a(w + g * Og * Kg, Kg, 1, Og, Kg, ap + g * size);
+        gemm::pack_a_panels(w + g * Og * Kg, Kg, int64_t(1), M, K, ap + g * size, p0, p1);
       }
+      u += p1 - p0;
     }
   });
   return packed;
 }
 
+// packed_weight: the A operand already packed (grad_input of a 1x1 convolution), else the
+// weight is packed here.
 template <typename T>
 void forward_gemm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                  at::Tensor& out, const Conv2dShape& s) {
+                  at::Tensor& out, const Conv2dShape& s,
+                  const at::Tensor& packed_weight = at::Tensor()) {
   constexpr int64_t L16 = 16;  // im2col block rows start 64-byte aligned
   const int64_t N = s.batch, C = s.in_channels, O = s.out_channels, G = s.groups;
   const int64_t Og = O / G, Cg = C / G, Kg = Cg * s.kernel_h * s.kernel_w;
   const int64_t L = s.out_h * s.out_w, OW = s.out_w, HW = s.in_h * s.in_w;
   const bool pointwise = is_pointwise(s);
   const Tiles t = plan_gemm_tiles(N, s.out_h, L);
-  const at::Tensor packed_w = pack_weight<T>(weight, s, false);
+  const at::Tensor packed_w =
+      packed_weight.defined() ? packed_weight : pack_weight<T>(weight, s, false);
   const int64_t a_size = gemm::packed_a_size(Og, Kg);
   const T* ap = packed_w.const_data_ptr<T>();
   const T* x = input.const_data_ptr<T>();
@@ -1016,6 +1042,16 @@ void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Conv2dShape& s) {
   Conv2dShape t;
   if (grad_input_as_forward_shape(s, t)) {
+    const auto st = grad_output.scalar_type();
+    if (s.kernel_h * s.kernel_w == 1 && use_own_gemm(st)) {
+      // 1x1: the forward's A operand is W_g^T, packed straight from the weight (no transposed
+      // copy of it first)
+      FASTCONV_DISPATCH_OWN_GEMM(st, [&] {
+        forward_gemm<scalar_t>(grad_output, weight, at::Tensor(), grad_input, t,
+                               pack_weight<scalar_t>(weight, s, true));
+      })
+      return;
+    }
     im2col_forward(grad_output, flipped_transposed_weight(weight, s), at::Tensor(), grad_input,
                    t);
     return;
