@@ -290,6 +290,35 @@ def test_im2col_blocking(case, dtype):
         assert_close(a, e, dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [
+    # small feature maps batched into tiles, many output channels: the threads split the output
+    # channels of grad_weight; 45 images of 7x7 make three tiles, the last one partial
+    (45, 4, 7, 7, 160, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),
+    (9, 12, 5, 6, 256, 1, 1, (1, 1), (0, 0), (1, 1), 2, True),    # 1x1, two groups
+    (7, 6, 9, 8, 200, 3, 2, (2, 1), (1, 0), (1, 2), 1, True),     # strided, dilated
+], ids=_ids)
+def test_im2col_grad_weight_split_by_output_channels(case, dtype):
+    """grad_weight of small feature maps with many output channels, at several thread counts:
+    against torch in float64, and with the output channels split between 2..4 threads the same
+    bits whatever the count."""
+    x, w, b, kw = _make(case, dtype=dtype)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    exp = F.conv2d(x64, w64, None, **kw)
+    go = torch.randn(exp.shape, dtype=torch.float64)
+    ref = torch.autograd.grad(exp, w64, go)[0]
+    got = {}
+    for threads in (1, 2, 3, 4):
+        with _num_threads(threads):
+            got[threads] = ops._conv2d_grad_weight(
+                go.to(dtype), x, list(w.shape), list(kw["stride"]), list(kw["padding"]),
+                list(kw["dilation"]), kw["groups"], "im2col")
+    n, c, h, wd, o, kh, kwid = case[:7]
+    for threads, gw in got.items():
+        assert_close(gw, ref, dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
+    assert torch.equal(got[2], got[3]) and torch.equal(got[2], got[4])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [
     (2, 3, 130, 20, 6, 3, 2, (1, 1), (1, 2), (2, 1), 1, True),    # several grid chunks, O % 4
