@@ -40,7 +40,11 @@
 // rows).
 //
 // grad_weight: each part (one per thread) accumulates its tiles into its own dW, and the parts
-// are summed in a fixed order, so the result is deterministic for a given thread count.
+// are summed in a fixed order, so the result is deterministic for a given thread count. On
+// small feature maps (images batched into tiles) with at least 32 output channels per thread,
+// the own-GEMM path splits the output channels between the threads instead
+// (grad_weight_gemm_split_out): each element is summed by one thread, in tile order, so the
+// result is the same for any thread count.
 // bfloat16 accumulates in float32.
 
 #include <ATen/ATen.h>
