@@ -291,6 +291,45 @@ def test_im2col_blocking(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,c,h,w,o", [
+    (2, 3, 5, 7, 4),        # more output than input channels: grad_weight packs x, not go
+    (3, 17, 5, 3, 50),      # pixels not a multiple of the 8-row panel, a partial column panel
+    (1, 300, 3, 3, 530),    # K past one K block (256), N past one N block (480)
+    (4, 257, 6, 5, 97),
+    (1, 1000, 2, 2, 7),     # fewer output channels than one panel
+])
+def test_channels_last_pointwise_gemm(n, c, h, w, o, bias, dtype):
+    """channels_last 1x1 convolutions run as one GEMM on the (pixels x channels) matrices, no
+    NCHW copies: forward, grad_input and grad_weight against torch in float64, layouts kept,
+    grad_weight the same at 1-3 threads."""
+    x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(o, c, 1, 1, dtype=dtype)
+    b = torch.randn(o, dtype=dtype) if bias else None
+    xa, wa = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    ba = b.clone().requires_grad_() if bias else None
+    out = fastconv.conv2d(xa, wa, ba)
+    assert is_channels_last(out)
+    x64, w64 = x.double().requires_grad_(), wt.double().requires_grad_()
+    b64 = b.double().requires_grad_() if bias else None
+    exp = F.conv2d(x64, w64, b64)
+    assert_close(out, exp, dtype=dtype, reduction=c)
+    go = torch.randn(exp.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(out, (xa, wa) + ((ba,) if bias else ()), go.to(dtype))
+    ref = torch.autograd.grad(exp, (x64, w64) + ((b64,) if bias else ()), go)
+    assert is_channels_last(got[0])
+    assert_close(got[0], ref[0], dtype=dtype, reduction=o)
+    for a, e in zip(got[1:], ref[1:]):
+        assert_close(a, e, dtype=dtype, reduction=n * h * w)
+    gws = []
+    for threads in (1, 2, 3):
+        with _num_threads(threads):
+            gws.append(ops._conv2d_grad_weight(go.to(dtype), x, list(wt.shape), [1, 1], [0, 0],
+                                               [1, 1], 1, "auto"))
+    assert torch.equal(gws[0], gws[1]) and torch.equal(gws[0], gws[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [
     # small feature maps batched into tiles, many output channels: the threads split the output
     # channels of grad_weight; 45 images of 7x7 make three tiles, the last one partial

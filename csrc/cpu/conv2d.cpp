@@ -43,6 +43,13 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                              conv_memory_format(input, weight));
   advise_huge_pages(out);
   if (out.numel() == 0) return out;
+  if (a == ConvAlgo::kIm2col && !out.is_contiguous() &&
+      conv2d_cpu::nhwc_pointwise_applies(s, input.scalar_type())) {
+    // channels_last 1x1: one GEMM on the (pixels x channels) matrices, no NCHW copies
+    conv2d_cpu::nhwc_pointwise_forward(input.contiguous(at::MemoryFormat::ChannelsLast),
+                                       weight, defined_or_empty(bias), out, s);
+    return out;
+  }
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = defined_or_empty(bias);
@@ -73,6 +80,12 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
                             conv_memory_format(grad_output, weight));
   advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
+  if (a == ConvAlgo::kIm2col && !gi.is_contiguous() &&
+      conv2d_cpu::nhwc_pointwise_applies(s, grad_output.scalar_type())) {
+    conv2d_cpu::nhwc_pointwise_grad_input(
+        grad_output.contiguous(at::MemoryFormat::ChannelsLast), weight, gi, s);
+    return gi;
+  }
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor w = weight.contiguous();
   at::Tensor r = nchw_result(gi);
@@ -100,6 +113,13 @@ at::Tensor conv2d_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   }
   if (s.batch == 0) return at::zeros(weight_size, grad_output.options());
   at::Tensor gw = at::empty(weight_size, grad_output.options());
+  if (a == ConvAlgo::kIm2col && grad_output.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+      !grad_output.is_contiguous() &&
+      conv2d_cpu::nhwc_pointwise_applies(s, grad_output.scalar_type())) {
+    conv2d_cpu::nhwc_pointwise_grad_weight(
+        grad_output, input.contiguous(at::MemoryFormat::ChannelsLast), gw, s);
+    return gw;
+  }
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor x = input.contiguous();
   if (a == ConvAlgo::kIm2col) {

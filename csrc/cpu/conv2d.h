@@ -21,6 +21,19 @@ void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Conv2dShape& s);
 
+// channels_last 1x1 convolutions (stride 1, no padding, one group) as one GEMM on the
+// (pixels x channels) matrices, no NCHW copies: float32 / float64 where the own GEMM is built.
+bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st);
+// out[p, o] = sum_c x[p, c] * w[o, c] (+ bias[o]); x, out channels_last contiguous.
+void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor& out, const Conv2dShape& s);
+// gi[p, c] = sum_o go[p, o] * w[o, c]; go, gi channels_last contiguous.
+void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                               at::Tensor& grad_input, const Conv2dShape& s);
+// gw[o, c] = sum_p go[p, o] * x[p, c]; go, x channels_last contiguous, gw contiguous.
+void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                at::Tensor& grad_weight, const Conv2dShape& s);
+
 void direct_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     at::Tensor& out, const Conv2dShape& s);
 void direct_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,

@@ -114,11 +114,12 @@ inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR 
 // NR values wide: a packed panel (ldb = NR) or straight rows of a row-major matrix (the image,
 // grad_output, an im2col block). `bias` (per row) seeds a fresh tile.
 // noinline: inlined into a big caller, GCC spills the 24 accumulators inside the k loop.
-template <typename T>
+// ROWS: A is not packed but read in place, its kMR rows lda elements apart (gemm_rows).
+template <typename T, bool ROWS = false>
 __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict__ a,
                                             const T* __restrict__ b, int64_t ldb,
                                             T* __restrict__ c, int64_t ldc, int mr, int ncols,
-                                            bool accumulate, const T* bias) {
+                                            bool accumulate, const T* bias, int64_t lda = 0) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -134,7 +135,8 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict__ a,
     for (int v = 0; v < kNV; ++v) bv[v] = S::load(b + k * ldb + v * L);
 #pragma GCC unroll 8
     for (int r = 0; r < kMR; ++r) {
-      const V av = S::set1(a[k * kMR + r]);
+      // ROWS: A read in place, row r at a + r * lda; else a packed panel
+      const V av = S::set1(ROWS ? a[r * lda + k] : a[k * kMR + r]);
 #pragma GCC unroll 3
       for (int v = 0; v < kNV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
     }
@@ -246,6 +248,69 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int6
         if (tail != 0) {
           micro_kernel<T>(kc, a, tail_b, tail_ld, cp + full * NR, ldc, mr,
                           static_cast<int>(tail), acc, bias_p);
+        }
+      }
+    }
+  }
+}
+
+// C[M, N] = A[M, K] @ B[K, N] (+ bias[n] per column), all three row-major (lda, ldb, ldc),
+// A read in place: a channels_last 1x1 convolution is this product of the (pixels x channels)
+// matrix with the weight, and A, the activations, is too large to pack first. Each A row is
+// read once per block of N columns and K rows; the last partial panel of A rows is copied,
+// zero-padded, so the micro-kernel never reads past the end of A.
+template <typename T>
+void gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+               T* c, int64_t ldc, const T* bias) {
+  constexpr int NR = nr<T>();
+  alignas(64) T edge[kKC * NR];
+  alignas(64) T arows[kMR * kKC];
+  for (int64_t n0 = 0; n0 < N; n0 += nc<T>()) {
+    const int64_t ncols = std::min(nc<T>(), N - n0);
+    const int64_t full = ncols / NR, tail = ncols % NR;
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+      const T* bk = b + k0 * ldb + n0;
+      const T* tail_b = bk + full * NR;
+      int64_t tail_ld = ldb;
+      if (tail != 0) {
+        for (int64_t k = 0; k < kc; ++k) {
+          std::copy(tail_b + k * ldb, tail_b + k * ldb + tail, edge + k * NR);
+          std::fill(edge + k * NR + tail, edge + (k + 1) * NR, T(0));
+        }
+        tail_b = edge;
+        tail_ld = NR;
+      }
+      const bool acc = k0 > 0, last = k0 + kc == K;
+      for (int64_t p = 0; p * kMR < M; ++p) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - p * kMR));
+        const T* ap = a + p * kMR * lda + k0;
+        int64_t la = lda;
+        if (mr < kMR) {
+          for (int r = 0; r < kMR; ++r) {
+            if (r < mr) {
+              std::copy(ap + r * lda, ap + r * lda + kc, arows + r * kc);
+            } else {
+              std::fill(arows + r * kc, arows + (r + 1) * kc, T(0));
+            }
+          }
+          ap = arows;
+          la = kc;
+        }
+        T* cp = c + p * kMR * ldc + n0;
+        for (int64_t q = 0; q < full; ++q) {
+          micro_kernel<T, true>(kc, ap, bk + q * NR, ldb, cp + q * NR, ldc, mr, NR, acc,
+                                nullptr, la);
+        }
+        if (tail != 0) {
+          micro_kernel<T, true>(kc, ap, tail_b, tail_ld, cp + full * NR, ldc, mr,
+                                static_cast<int>(tail), acc, nullptr, la);
+        }
+        if (last && bias != nullptr) {
+          for (int r = 0; r < mr; ++r) {
+            T* crow = cp + r * ldc;
+            for (int64_t n = 0; n < ncols; ++n) crow[n] += bias[n0 + n];
+          }
         }
       }
     }

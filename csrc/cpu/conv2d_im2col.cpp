@@ -1088,6 +1088,110 @@ static bool use_own_gemm(at::ScalarType st) {
 #define FASTCONV_DISPATCH_OWN_GEMM(st, ...)
 #endif
 
+bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st) {
+  return use_own_gemm(st) && is_pointwise(s) && s.groups == 1;
+}
+
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+namespace {
+// C[M, N] = A[M, K] @ B[K, N] (+ bias per column), the M rows split between the threads in
+// whole panels.
+template <typename T>
+void parallel_gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* c,
+                        const T* bias) {
+  const int64_t panels = div_up(M, gemm::kMR);
+  at::parallel_for(0, panels, parallel_grain(gemm::kMR * N * K), [&](int64_t p0, int64_t p1) {
+    const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
+    gemm::gemm_rows<T>(m1 - m0, N, K, a + m0 * K, K, b, N, c + m0 * N, N, bias);
+  });
+}
+}  // namespace
+#endif
+
+void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor& out, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  const int64_t P = s.batch * s.out_h * s.out_w, C = s.in_channels, O = s.out_channels;
+  const at::Tensor wt = weight.reshape({O, C}).t().contiguous();  // B = W^T [C, O]
+  FASTCONV_DISPATCH_OWN_GEMM(x.scalar_type(), [&] {
+    parallel_gemm_rows<scalar_t>(P, O, C, x.const_data_ptr<scalar_t>(),
+                                 wt.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                 bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr);
+  })
+#else
+  (void)x, (void)weight, (void)bias, (void)out, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_forward needs the AVX-512 GEMM");
+#endif
+}
+
+void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                               at::Tensor& grad_input, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  const int64_t P = s.batch * s.in_h * s.in_w, C = s.in_channels, O = s.out_channels;
+  const at::Tensor w = weight.reshape({O, C}).contiguous();  // B = W [O, C]
+  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
+    parallel_gemm_rows<scalar_t>(P, C, O, grad_output.const_data_ptr<scalar_t>(),
+                                 w.const_data_ptr<scalar_t>(),
+                                 grad_input.mutable_data_ptr<scalar_t>(), nullptr);
+  })
+#else
+  (void)grad_output, (void)weight, (void)grad_input, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_grad_input needs the AVX-512 GEMM");
+#endif
+}
+
+// gw [O, C] = go^T [O, P] @ x [P, C], or its transpose x^T @ go when there are more output than
+// input channels: the smaller of the two (pixels x channels) matrices is packed transposed
+// (kMR channels per pixel, read in address order) and the other read in place. The threads
+// split the product's columns, or its rows when there are few columns; either way each element
+// sums all pixels in the same order: the same bits for any thread count.
+void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                at::Tensor& grad_weight, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  const int64_t P = s.batch * s.out_h * s.out_w, C = s.in_channels, O = s.out_channels;
+  const bool swap = O > C;
+  const int64_t M = swap ? C : O, N = swap ? O : C;
+  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
+    using T = scalar_t;
+    const T* a = swap ? input.const_data_ptr<T>() : grad_output.const_data_ptr<T>();
+    const T* b = swap ? grad_output.const_data_ptr<T>() : input.const_data_ptr<T>();
+    at::Tensor result = swap ? at::empty({M, N}, grad_weight.options()) : grad_weight;
+    T* r = result.mutable_data_ptr<T>();
+    const int64_t panels = div_up(M, gemm::kMR);
+    at::Tensor packed = at::empty({gemm::packed_a_size(M, P)}, grad_output.options());
+    T* ap = packed.mutable_data_ptr<T>();
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      gemm::pack_a_panels(a, int64_t(1), M, M, P, ap, p0, p1);
+    });
+    constexpr int64_t NR = gemm::nr<T>();
+    const int64_t col_panels = div_up(N, NR);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    if (col_panels >= 2 * threads || panels < 2) {
+      at::parallel_for(0, col_panels, 1, [&](int64_t q0, int64_t q1) {
+        const int64_t n0 = q0 * NR, n1 = std::min(N, q1 * NR);
+        auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
+          return gemm::BBlock<T>{b + k0 * N + n0 + j0, N, NR};
+        };
+        gemm::gemm<T>(M, n1 - n0, P, ap, get_b, r + n0, N, false, nullptr);
+      });
+    } else {
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
+        auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
+          return gemm::BBlock<T>{b + k0 * N + j0, N, NR};
+        };
+        gemm::gemm<T>(m1 - m0, N, P, ap + p0 * gemm::kMR * P, get_b, r + m0 * N, N, false,
+                      nullptr);
+      });
+    }
+    if (swap) grad_weight.view({O, C}).copy_(result.t());
+  })
+#else
+  (void)grad_output, (void)input, (void)grad_weight, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_grad_weight needs the AVX-512 GEMM");
+#endif
+}
+
 void im2col_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     at::Tensor& out, const Conv2dShape& s) {
   const auto st = input.scalar_type();
