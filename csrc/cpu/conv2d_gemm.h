@@ -212,6 +212,19 @@ struct BBlock {
 // `get_b(k0, kc, n0, ncols)` -> BBlock<T> for rows [k0, k0 + kc) and columns [n0, n0 + ncols)
 // (n0 a multiple of nc<T>()); it may pack on demand, point into B packed ahead, or point
 // straight into a row-major B.
+// The partial last panel of an in-place B (kc rows of `tail` < NR values, ld apart) copied,
+// zero-padded to NR, into edge: the micro-kernel then never reads past the end of B and needs
+// no masked variant.
+template <typename T>
+const T* edge_panel(const T* b, int64_t ld, int64_t kc, int64_t tail, T* edge) {
+  constexpr int NR = nr<T>();
+  for (int64_t k = 0; k < kc; ++k) {
+    std::copy(b + k * ld, b + k * ld + tail, edge + k * NR);
+    std::fill(edge + k * NR + tail, edge + (k + 1) * NR, T(0));
+  }
+  return edge;
+}
+
 template <typename T, typename GetB>
 void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int64_t ldc,
           bool accumulate, const T* bias) {
@@ -228,11 +241,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int6
       const T* tail_b = bb.ptr + full * bb.panel_stride;
       int64_t tail_ld = bb.ld;
       if (tail != 0 && bb.ld != NR) {
-        for (int64_t k = 0; k < kc; ++k) {
-          std::copy(tail_b + k * bb.ld, tail_b + k * bb.ld + tail, edge + k * NR);
-          std::fill(edge + k * NR + tail, edge + (k + 1) * NR, T(0));
-        }
-        tail_b = edge;
+        tail_b = edge_panel(tail_b, bb.ld, kc, tail, edge);
         tail_ld = NR;
       }
       const bool acc = accumulate || k0 > 0;
@@ -274,11 +283,7 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T
       const T* tail_b = bk + full * NR;
       int64_t tail_ld = ldb;
       if (tail != 0) {
-        for (int64_t k = 0; k < kc; ++k) {
-          std::copy(tail_b + k * ldb, tail_b + k * ldb + tail, edge + k * NR);
-          std::fill(edge + k * NR + tail, edge + (k + 1) * NR, T(0));
-        }
-        tail_b = edge;
+        tail_b = edge_panel(tail_b, ldb, kc, tail, edge);
         tail_ld = NR;
       }
       const bool acc = k0 > 0, last = k0 + kc == K;

@@ -1108,36 +1108,36 @@ void parallel_gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, const T* b,
 }  // namespace
 #endif
 
-void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            at::Tensor& out, const Conv2dShape& s) {
+namespace {
+// c[M, N] = a[M, K] @ b[K, N] (+ bias per column), all contiguous row-major: the channels_last
+// 1x1 forward (x @ W^T) and grad_input (go @ W).
+void rows_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                  at::Tensor& c, int64_t M, int64_t N, int64_t K) {
 #ifdef FASTCONV_HAVE_AVX512_GEMM
-  const int64_t P = s.batch * s.out_h * s.out_w, C = s.in_channels, O = s.out_channels;
-  const at::Tensor wt = weight.reshape({O, C}).t().contiguous();  // B = W^T [C, O]
-  FASTCONV_DISPATCH_OWN_GEMM(x.scalar_type(), [&] {
-    parallel_gemm_rows<scalar_t>(P, O, C, x.const_data_ptr<scalar_t>(),
-                                 wt.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+  FASTCONV_DISPATCH_OWN_GEMM(a.scalar_type(), [&] {
+    parallel_gemm_rows<scalar_t>(M, N, K, a.const_data_ptr<scalar_t>(),
+                                 b.const_data_ptr<scalar_t>(), c.mutable_data_ptr<scalar_t>(),
                                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr);
   })
 #else
-  (void)x, (void)weight, (void)bias, (void)out, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_forward needs the AVX-512 GEMM");
+  (void)a, (void)b, (void)bias, (void)c, (void)M, (void)N, (void)K;
+  TORCH_INTERNAL_ASSERT(false, "the channels_last 1x1 GEMM needs the AVX-512 build");
 #endif
+}
+}  // namespace
+
+void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor& out, const Conv2dShape& s) {
+  const int64_t O = s.out_channels, C = s.in_channels;
+  rows_product(x, weight.reshape({O, C}).t().contiguous(), bias, out,
+               s.batch * s.out_h * s.out_w, O, C);
 }
 
 void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                at::Tensor& grad_input, const Conv2dShape& s) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
-  const int64_t P = s.batch * s.in_h * s.in_w, C = s.in_channels, O = s.out_channels;
-  const at::Tensor w = weight.reshape({O, C}).contiguous();  // B = W [O, C]
-  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
-    parallel_gemm_rows<scalar_t>(P, C, O, grad_output.const_data_ptr<scalar_t>(),
-                                 w.const_data_ptr<scalar_t>(),
-                                 grad_input.mutable_data_ptr<scalar_t>(), nullptr);
-  })
-#else
-  (void)grad_output, (void)weight, (void)grad_input, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_grad_input needs the AVX-512 GEMM");
-#endif
+  const int64_t O = s.out_channels, C = s.in_channels;
+  rows_product(grad_output, weight.reshape({O, C}).contiguous(), at::Tensor(), grad_input,
+               s.batch * s.in_h * s.in_w, C, O);
 }
 
 // gw [O, C] = go^T [O, P] @ x [P, C], or its transpose x^T @ go when there are more output than
