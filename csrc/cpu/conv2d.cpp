@@ -1,7 +1,8 @@
 // conv2d CPU entry points: validation, algorithm choice, memory formats, batch 0, and the
 // TORCH_LIBRARY_IMPL registration. The kernels live in conv2d_im2col.cpp and conv2d_direct.cpp
-// and only see NCHW-contiguous tensors; algo="auto" sends depthwise shapes to the depthwise
-// kernels (cpu/kernels.h) without a second trip through the dispatcher.
+// and see NCHW-contiguous tensors, except channels_last 1x1 stride-1 convolutions, which run as
+// one GEMM on the (pixels x channels) matrices (nhwc_pointwise_*); algo="auto" sends depthwise
+// shapes to the depthwise kernels (cpu/kernels.h) without a second trip through the dispatcher.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
