@@ -28,6 +28,14 @@ void finish(at::Tensor& result, const at::Tensor& nchw) {
   if (!nchw.is_same(result)) result.copy_(nchw);
 }
 
+// Whether an im2col call whose activations are laid out like `t` runs as one GEMM on the
+// (pixels x channels) matrices: t channels_last (and not also NCHW-contiguous), a 1x1 stride-1
+// shape the own GEMM takes.
+bool pointwise_channels_last(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t) {
+  return a == ConvAlgo::kIm2col && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         !t.is_contiguous() && conv2d_cpu::nhwc_pointwise_applies(s, t.scalar_type());
+}
+
 }  // namespace
 
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -44,8 +52,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                              conv_memory_format(input, weight));
   advise_huge_pages(out);
   if (out.numel() == 0) return out;
-  if (a == ConvAlgo::kIm2col && !out.is_contiguous() &&
-      conv2d_cpu::nhwc_pointwise_applies(s, input.scalar_type())) {
+  if (pointwise_channels_last(a, s, out)) {
     // channels_last 1x1: one GEMM on the (pixels x channels) matrices, no NCHW copies
     conv2d_cpu::nhwc_pointwise_forward(input.contiguous(at::MemoryFormat::ChannelsLast),
                                        weight, defined_or_empty(bias), out, s);
@@ -81,8 +88,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
                             conv_memory_format(grad_output, weight));
   advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
-  if (a == ConvAlgo::kIm2col && !gi.is_contiguous() &&
-      conv2d_cpu::nhwc_pointwise_applies(s, grad_output.scalar_type())) {
+  if (pointwise_channels_last(a, s, gi)) {
     conv2d_cpu::nhwc_pointwise_grad_input(
         grad_output.contiguous(at::MemoryFormat::ChannelsLast), weight, gi, s);
     return gi;
@@ -114,9 +120,7 @@ at::Tensor conv2d_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   }
   if (s.batch == 0) return at::zeros(weight_size, grad_output.options());
   at::Tensor gw = at::empty(weight_size, grad_output.options());
-  if (a == ConvAlgo::kIm2col && grad_output.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-      !grad_output.is_contiguous() &&
-      conv2d_cpu::nhwc_pointwise_applies(s, grad_output.scalar_type())) {
+  if (pointwise_channels_last(a, s, grad_output)) {
     conv2d_cpu::nhwc_pointwise_grad_weight(
         grad_output, input.contiguous(at::MemoryFormat::ChannelsLast), gw, s);
     return gw;

@@ -1092,32 +1092,24 @@ bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st) {
   return use_own_gemm(st) && is_pointwise(s) && s.groups == 1;
 }
 
-#ifdef FASTCONV_HAVE_AVX512_GEMM
 namespace {
-// C[M, N] = A[M, K] @ B[K, N] (+ bias per column), the M rows split between the threads in
-// whole panels.
-template <typename T>
-void parallel_gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, const T* b, T* c,
-                        const T* bias) {
-  const int64_t panels = div_up(M, gemm::kMR);
-  at::parallel_for(0, panels, parallel_grain(gemm::kMR * N * K), [&](int64_t p0, int64_t p1) {
-    const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
-    gemm::gemm_rows<T>(m1 - m0, N, K, a + m0 * K, K, b, N, c + m0 * N, N, bias);
-  });
-}
-}  // namespace
-#endif
-
-namespace {
-// c[M, N] = a[M, K] @ b[K, N] (+ bias per column), all contiguous row-major: the channels_last
-// 1x1 forward (x @ W^T) and grad_input (go @ W).
+// c[M, N] = a[M, K] @ b[K, N] (+ bias per column), all contiguous row-major, the M rows split
+// between the threads in whole panels: the channels_last 1x1 forward (x @ W^T) and grad_input
+// (go @ W).
 void rows_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                   at::Tensor& c, int64_t M, int64_t N, int64_t K) {
 #ifdef FASTCONV_HAVE_AVX512_GEMM
   FASTCONV_DISPATCH_OWN_GEMM(a.scalar_type(), [&] {
-    parallel_gemm_rows<scalar_t>(M, N, K, a.const_data_ptr<scalar_t>(),
-                                 b.const_data_ptr<scalar_t>(), c.mutable_data_ptr<scalar_t>(),
-                                 bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr);
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    const scalar_t* bias_p = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* cp = c.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, div_up(M, gemm::kMR), parallel_grain(gemm::kMR * N * K),
+                     [&](int64_t p0, int64_t p1) {
+                       const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
+                       gemm::gemm_rows<scalar_t>(m1 - m0, N, K, ap + m0 * K, K, bp, N,
+                                                 cp + m0 * N, N, bias_p);
+                     });
   })
 #else
   (void)a, (void)b, (void)bias, (void)c, (void)M, (void)N, (void)K;
@@ -1163,25 +1155,24 @@ void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor&
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       gemm::pack_a_panels(a, int64_t(1), M, M, P, ap, p0, p1);
     });
+    // rows [m0, m1) x columns [n0, n1) of the product, summed over all pixels
     constexpr int64_t NR = gemm::nr<T>();
+    auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
+        return gemm::BBlock<T>{b + k0 * N + n0 + j0, N, NR};
+      };
+      gemm::gemm<T>(m1 - m0, n1 - n0, P, ap + m0 * P, get_b, r + m0 * N + n0, N, false,
+                    nullptr);
+    };
     const int64_t col_panels = div_up(N, NR);
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     if (col_panels >= 2 * threads || panels < 2) {
       at::parallel_for(0, col_panels, 1, [&](int64_t q0, int64_t q1) {
-        const int64_t n0 = q0 * NR, n1 = std::min(N, q1 * NR);
-        auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
-          return gemm::BBlock<T>{b + k0 * N + n0 + j0, N, NR};
-        };
-        gemm::gemm<T>(M, n1 - n0, P, ap, get_b, r + n0, N, false, nullptr);
+        block(0, M, q0 * NR, std::min(N, q1 * NR));
       });
     } else {
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
-        auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
-          return gemm::BBlock<T>{b + k0 * N + j0, N, NR};
-        };
-        gemm::gemm<T>(m1 - m0, N, P, ap + p0 * gemm::kMR * P, get_b, r + m0 * N, N, false,
-                      nullptr);
+        block(p0 * gemm::kMR, std::min(M, p1 * gemm::kMR), 0, N);
       });
     }
     if (swap) grad_weight.view({O, C}).copy_(result.t());

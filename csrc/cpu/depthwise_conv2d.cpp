@@ -1026,25 +1026,6 @@ void sum_lanes(const acc_t* acc, int64_t count, acc_t* dst) {
   }
 }
 
-// Returns partial[0, count) overwritten with, for each i, the sum from zero over the chunks, in
-// chunk order, of partial[chunk * count + i]. It adds chunk by chunk over contiguous memory, the
-// elements split between the threads (element by element across the chunks it was a serial,
-// strided walk that took most of the grad_weight op at small feature maps: C=576, 14x14,
-// stride 2, N=8 has 56 chunks of 9 * 576 sums; see benchmarks/NOTES.md). The same bits.
-template <typename acc_t>
-acc_t* add_chunks(std::vector<acc_t>& partial, int64_t chunks, int64_t count) {
-  acc_t* sum = partial.data();
-  at::parallel_for(0, count, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) sum[i] = acc_t(0) + sum[i];
-    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-      const acc_t* src = partial.data() + chunk * count;
-      FC_IVDEP
-      for (int64_t i = begin; i < end; ++i) sum[i] += src[i];
-    }
-  });
-  return sum;
-}
-
 // out[i] = the sum over chunks, in chunk order, of partial[chunk * count + i].
 template <typename acc_t, typename scalar_t>
 void sum_chunks(std::vector<acc_t>& partial, int64_t chunks, int64_t count, scalar_t* out) {

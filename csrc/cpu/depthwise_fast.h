@@ -5,10 +5,33 @@
 // outputs, the (C, 1, K, K) weight contiguous.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
 
 #include "common/checks.h"
 
 namespace fastconv {
+
+// The grad_weight kernels of both depthwise files sum per fixed chunk of rows or images and
+// then add the chunks. Returns partial[0, count) overwritten with, for each i, the sum from zero
+// over the chunks, in chunk order, of partial[chunk * count + i]: chunk by chunk over contiguous
+// memory, the elements split between the threads (element by element across the chunks it was a
+// serial, strided walk that took most of the grad_weight op at small feature maps: C=576,
+// 14x14, stride 2, N=8 has 56 chunks of 9 * 576 sums; see benchmarks/NOTES.md).
+template <typename acc_t>
+acc_t* add_chunks(std::vector<acc_t>& partial, int64_t chunks, int64_t count) {
+  acc_t* sum = partial.data();
+  at::parallel_for(0, count, 2048, [&](int64_t begin, int64_t end) {
+    acc_t* __restrict dst = sum;
+    for (int64_t i = begin; i < end; ++i) dst[i] = acc_t(0) + dst[i];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const acc_t* __restrict src = partial.data() + chunk * count;
+      for (int64_t i = begin; i < end; ++i) dst[i] += src[i];
+    }
+  });
+  return sum;
+}
 
 bool depthwise_nhwc_fast_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, at::Tensor& out,

@@ -310,18 +310,10 @@ void gw_row(const float* xr, const float* gr, const Geometry& g, float* part) {
   });
 }
 
-// gw[c][kh][kw] = the sum over chunks, in chunk order, of partial[chunk][c / 16][kh][kw][c % 16]
-// (chunk by chunk over contiguous memory: an element-by-element walk across the chunks' partials
-// was a serial tail of ~0.1 ms).
+// gw[c][kh][kw] = the sum over chunks, in chunk order, of partial[chunk][c / 16][kh][kw][c % 16].
 template <int K>
 void reduce_chunks(std::vector<float>& partial, int64_t T, int64_t C, float* gw) {
-  const int64_t per = C * K * K;
-  float* sum = partial.data();  // chunk 0 accumulates the others
-  for (int64_t chunk = 1; chunk < T; ++chunk) {
-    const float* src = partial.data() + chunk * per;
-    for (int64_t i = 0; i < per; i += 16)
-      _mm512_storeu_ps(sum + i, _mm512_add_ps(_mm512_loadu_ps(sum + i), _mm512_loadu_ps(src + i)));
-  }
+  const float* sum = add_chunks(partial, T, C * K * K);
   for (int64_t c = 0; c < C; ++c) {
     const int64_t cb = c / 16, lane = c % 16;
     for (int64_t tap = 0; tap < K * K; ++tap)
@@ -562,11 +554,8 @@ void chunked_sums(int64_t R, int64_t C, float* gw, float* gb, const Body& body) 
   });
   reduce_chunks<K>(partial, T, C, gw);
   if (gb) {
-    for (int64_t c = 0; c < C; ++c) {
-      float sum = 0.f;
-      for (int64_t chunk = 0; chunk < T; ++chunk) sum += bias_part[chunk * C + c];
-      gb[c] = sum;
-    }
+    const float* sum = add_chunks(bias_part, T, C);
+    std::copy(sum, sum + C, gb);
   }
 }
 
