@@ -331,6 +331,52 @@ def test_channels_last_pointwise_gemm(n, c, h, w, o, bias, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [
+    (2, 16, 9, 11, 24, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),     # 8-row tile (24 columns)
+    (1, 64, 7, 7, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),     # 6-row tile (64 columns)
+    (3, 32, 8, 8, 16, 3, 3, (2, 2), (1, 1), (1, 1), 1, False),     # strided: grad_input by phase
+    (2, 20, 13, 7, 40, 5, 3, (2, 1), (2, 0), (1, 2), 1, True),     # strided, dilated, uneven
+    (2, 17, 10, 9, 19, 1, 1, (2, 2), (0, 0), (1, 1), 1, True),     # strided 1x1
+    (2, 16, 6, 6, 16, 1, 1, (3, 3), (0, 0), (1, 1), 1, False),     # inputs no tap reaches
+    (2, 24, 15, 15, 56, 7, 7, (3, 2), (3, 3), (1, 1), 1, False),   # stem-like
+    (2, 48, 12, 12, 100, 3, 3, (1, 1), (0, 0), (2, 2), 1, True),   # dilated, no padding
+    (1, 16, 3, 4, 16, 3, 3, (1, 1), (4, 2), (1, 1), 1, True),      # padding past the kernel
+    (1, 520, 5, 5, 500, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),    # K and N past one block
+    (2, 16, 12, 12, 704, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),  # two 640-wide N blocks
+], ids=_ids)
+def test_channels_last_gather_gemm(case, dtype):
+    """One-group channels_last convolutions run on the (pixels x channels) matrices, the input
+    rows gathered tap by tap: forward and gradients against torch in float64, the layouts
+    kept, and the same bits at 1-3 threads (each element is summed by one thread)."""
+    x, w, b, kw = _make(case, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, wd, o, kh, kwid = case[:7]
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    exp = F.conv2d(x64, w64, b64, **kw)
+    go = torch.randn(exp.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    ref = torch.autograd.grad(exp, [t for t in (x64, w64, b64) if t is not None], go)
+    got = {}
+    for threads in (1, 2, 3):
+        with _num_threads(threads):
+            xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+            ba = b.clone().requires_grad_() if b is not None else None
+            out = fastconv.conv2d(xa, wa, ba, **kw)
+            grads = torch.autograd.grad(out, [t for t in (xa, wa, ba) if t is not None],
+                                        go.to(dtype))
+            got[threads] = (out,) + grads
+    out, gx, gw = got[1][:3]
+    assert is_channels_last(out) and is_channels_last(gx)
+    assert_close(out, exp, dtype=dtype, reduction=c * kh * kwid)
+    assert_close(gx, ref[0], dtype=dtype, reduction=o * kh * kwid)
+    for a, e in zip(got[1][2:], ref[1:]):
+        assert_close(a, e, dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
+    for threads in (2, 3):
+        for a, e in zip(got[threads], got[1]):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [
     # small feature maps batched into tiles, many output channels: the threads split the output
     # channels of grad_weight; 45 images of 7x7 make three tiles, the last one partial
     (45, 4, 7, 7, 160, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),

@@ -1,7 +1,8 @@
 // conv2d CPU entry points: validation, algorithm choice, memory formats, batch 0, and the
 // TORCH_LIBRARY_IMPL registration. The kernels live in conv2d_im2col.cpp and conv2d_direct.cpp
-// and see NCHW-contiguous tensors, except channels_last 1x1 stride-1 convolutions, which run as
-// one GEMM on the (pixels x channels) matrices (nhwc_pointwise_*); algo="auto" sends depthwise
+// and see NCHW-contiguous tensors, except one-group channels_last convolutions with the im2col
+// algorithm, which run as GEMMs on the (pixels x channels) matrices (conv2d_nhwc.cpp) where the
+// own GEMM is built (float32 / float64) and the shape suits it; algo="auto" sends depthwise
 // shapes to the depthwise kernels (cpu/kernels.h) without a second trip through the dispatcher.
 
 #include <ATen/ATen.h>
@@ -28,12 +29,18 @@ void finish(at::Tensor& result, const at::Tensor& nchw) {
   if (!nchw.is_same(result)) result.copy_(nchw);
 }
 
-// Whether an im2col call whose activations are laid out like `t` runs as one GEMM on the
-// (pixels x channels) matrices: t channels_last (and not also NCHW-contiguous), a 1x1 stride-1
-// shape the own GEMM takes.
-bool pointwise_channels_last(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t) {
-  return a == ConvAlgo::kIm2col && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         !t.is_contiguous() && conv2d_cpu::nhwc_pointwise_applies(s, t.scalar_type());
+// How an im2col call whose activations are laid out like `t` runs when t is channels_last (and
+// not also NCHW-contiguous): as one GEMM on the (pixels x channels) matrices (1x1 stride 1), as
+// a sum of such GEMMs over the taps with the rows gathered in place, or (kNone) on NCHW copies.
+enum class ChannelsLast { kNone, kPointwise, kGather };
+ChannelsLast channels_last_path(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t) {
+  if (a != ConvAlgo::kIm2col || !t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      t.is_contiguous()) {
+    return ChannelsLast::kNone;
+  }
+  if (conv2d_cpu::nhwc_pointwise_applies(s, t.scalar_type())) return ChannelsLast::kPointwise;
+  if (conv2d_cpu::nhwc_gather_applies(s, t.scalar_type())) return ChannelsLast::kGather;
+  return ChannelsLast::kNone;
 }
 
 }  // namespace
@@ -52,10 +59,14 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                              conv_memory_format(input, weight));
   advise_huge_pages(out);
   if (out.numel() == 0) return out;
-  if (pointwise_channels_last(a, s, out)) {
-    // channels_last 1x1: one GEMM on the (pixels x channels) matrices, no NCHW copies
-    conv2d_cpu::nhwc_pointwise_forward(input.contiguous(at::MemoryFormat::ChannelsLast),
-                                       weight, defined_or_empty(bias), out, s);
+  const ChannelsLast cl = channels_last_path(a, s, out);
+  if (cl != ChannelsLast::kNone) {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    if (cl == ChannelsLast::kPointwise) {
+      conv2d_cpu::nhwc_pointwise_forward(x, weight, defined_or_empty(bias), out, s);
+    } else {
+      conv2d_cpu::nhwc_forward(x, weight, defined_or_empty(bias), out, s);
+    }
     return out;
   }
   const at::Tensor x = input.contiguous();
@@ -88,9 +99,14 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
                             conv_memory_format(grad_output, weight));
   advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
-  if (pointwise_channels_last(a, s, gi)) {
-    conv2d_cpu::nhwc_pointwise_grad_input(
-        grad_output.contiguous(at::MemoryFormat::ChannelsLast), weight, gi, s);
+  const ChannelsLast cl = channels_last_path(a, s, gi);
+  if (cl != ChannelsLast::kNone) {
+    const at::Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    if (cl == ChannelsLast::kPointwise) {
+      conv2d_cpu::nhwc_pointwise_grad_input(go, weight, gi, s);
+    } else {
+      conv2d_cpu::nhwc_grad_input(go, weight, gi, s);
+    }
     return gi;
   }
   const at::Tensor go = grad_output.contiguous();
@@ -120,9 +136,14 @@ at::Tensor conv2d_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   }
   if (s.batch == 0) return at::zeros(weight_size, grad_output.options());
   at::Tensor gw = at::empty(weight_size, grad_output.options());
-  if (pointwise_channels_last(a, s, grad_output)) {
-    conv2d_cpu::nhwc_pointwise_grad_weight(
-        grad_output, input.contiguous(at::MemoryFormat::ChannelsLast), gw, s);
+  const ChannelsLast cl = channels_last_path(a, s, grad_output);
+  if (cl != ChannelsLast::kNone) {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    if (cl == ChannelsLast::kPointwise) {
+      conv2d_cpu::nhwc_pointwise_grad_weight(grad_output, x, gw, s);
+    } else {
+      conv2d_cpu::nhwc_grad_weight(grad_output, x, gw, s);
+    }
     return gw;
   }
   const at::Tensor go = grad_output.contiguous();

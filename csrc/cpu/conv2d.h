@@ -1,8 +1,9 @@
 #pragma once
 // Internal interface between the conv2d CPU entry points (conv2d.cpp) and the two algorithms
 // (conv2d_im2col.cpp, conv2d_direct.cpp). The entry points validate, route, handle batch 0 and
-// memory formats; the kernels below only ever see NCHW-contiguous tensors, a batch >= 1 and a
-// validated shape, and write into a preallocated NCHW-contiguous result of the right dtype.
+// memory formats; the kernels below see NCHW-contiguous tensors (but the nhwc_* ones:
+// channels_last), a batch >= 1 and a validated shape, and write into a preallocated result of
+// the right dtype and layout.
 
 #include <ATen/ATen.h>
 
@@ -21,18 +22,31 @@ void im2col_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Conv2dShape& s);
 
-// channels_last 1x1 convolutions (stride 1, no padding, one group) as one GEMM on the
-// (pixels x channels) matrices, no NCHW copies: float32 / float64 where the own GEMM is built.
+// float32 / float64 where the build has the own AVX-512 GEMM (conv2d_gemm.h).
+bool use_own_gemm(at::ScalarType st);
+
+// channels_last convolutions without NCHW copies (conv2d_nhwc.cpp); x, grad_output and the
+// results channels_last contiguous, grad_weight contiguous.
+// 1x1 stride-1 unpadded, one group: one GEMM on the (pixels x channels) matrices.
 bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st);
-// out[p, o] = sum_c x[p, c] * w[o, c] (+ bias[o]); x, out channels_last contiguous.
+// out[p, o] = sum_c x[p, c] * w[o, c] (+ bias[o])
 void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             at::Tensor& out, const Conv2dShape& s);
-// gi[p, c] = sum_o go[p, o] * w[o, c]; go, gi channels_last contiguous.
+// gi[p, c] = sum_o go[p, o] * w[o, c]
 void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                at::Tensor& grad_input, const Conv2dShape& s);
-// gw[o, c] = sum_p go[p, o] * x[p, c]; go, x channels_last contiguous, gw contiguous.
+// gw[o, c] = sum_p go[p, o] * x[p, c]
 void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                 at::Tensor& grad_weight, const Conv2dShape& s);
+// Any other one-group shape with at least 16 input and output channels: a sum over the taps of
+// such products, the activations' rows gathered in place (an implicit im2col).
+bool nhwc_gather_applies(const Conv2dShape& s, at::ScalarType st);
+void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  at::Tensor& out, const Conv2dShape& s);
+void nhwc_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                     at::Tensor& grad_input, const Conv2dShape& s);
+void nhwc_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                      at::Tensor& grad_weight, const Conv2dShape& s);
 
 void direct_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     at::Tensor& out, const Conv2dShape& s);

@@ -103,49 +103,103 @@ inline typename Simd<T>::Mask lane_mask(int64_t lo, int64_t hi) {
 // broadcast out of 32 zmm registers.
 constexpr int kMR = 8;
 constexpr int kNV = 3;
-template <typename T>
-constexpr int nr() { return kNV * Simd<T>::kLanes; }
+template <typename T, int NV = kNV>
+constexpr int nr() { return NV * Simd<T>::kLanes; }
+// The other tile the micro-kernel is built for, 6 rows x 4 vectors (24 accumulators too): for
+// the channels_last kernels, whose N is a channel count; 64 float32 columns fit it exactly
+// where the 8 x 48 tile wastes a third.
+constexpr int kMR6 = 6;
+constexpr int kNV4 = 4;
 // Rows of B (K) per block: the A micro-panel (KC * MR elements, 8 KiB) stays in L1.
 constexpr int64_t kKC = 256;
 
 inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
 
-// C[0:mr, 0:ncols] (= or +=) A_panel @ B_panel over kc. Row k of the B panel is at b + k * ldb,
-// NR values wide: a packed panel (ldb = NR) or straight rows of a row-major matrix (the image,
-// grad_output, an im2col block). `bias` (per row) seeds a fresh tile.
+// How the micro-kernel reads its operands: A(r, k) is element (r, k) of the MR-row A panel,
+// B(k) points at row k of the B panel (NR values), C(r) at row r of the C tile. The A panel
+// comes packed ([k][kMR]), as rows lda apart (gemm_rows), as columns of a row-major matrix
+// (k-th row of MR values lda apart), or as MR row pointers (the rows of an implicit im2col,
+// a zero row where a tap reads padding); B as rows ldb apart or as one pointer per row.
+template <typename T>
+struct PackedA {
+  const T* a;
+  T operator()(int r, int64_t k) const { return a[k * kMR + r]; }
+};
+template <typename T>
+struct RowsA {
+  const T* a;
+  int64_t lda;
+  T operator()(int r, int64_t k) const { return a[r * lda + k]; }
+};
+template <typename T>
+struct ColumnsA {
+  const T* a;
+  int64_t lda;
+  T operator()(int r, int64_t k) const { return a[k * lda + r]; }
+};
+template <typename T, int MR = kMR>
+struct PtrA {
+  const T* p[MR];
+  T operator()(int r, int64_t k) const { return p[r][k]; }
+};
+template <typename T>
+struct RowsB {
+  const T* b;
+  int64_t ldb;
+  const T* operator()(int64_t k) const { return b + k * ldb; }
+};
+template <typename T>
+struct PtrB {
+  const T* const* rows;
+  int64_t off;  // column offset into every row
+  const T* operator()(int64_t k) const { return rows[k] + off; }
+};
+template <typename T>
+struct RowsC {
+  T* c;
+  int64_t ldc;
+  T* operator()(int r) const { return c + r * ldc; }
+};
+template <typename T>
+struct PtrC {
+  T* const* rows;
+  int64_t off;
+  T* operator()(int r) const { return rows[r] + off; }
+};
+
+// C[0:mr, 0:ncols] (= or +=) A_panel @ B_panel over kc, NR values of each B row (a packed
+// panel, straight rows of a row-major matrix: the image, grad_output, an im2col block, or
+// gathered rows). `bias` (per row) seeds a fresh tile.
 // noinline: inlined into a big caller, GCC spills the 24 accumulators inside the k loop.
-// ROWS: A is not packed but read in place, its kMR rows lda elements apart (gemm_rows).
-template <typename T, bool ROWS = false>
-__attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict__ a,
-                                            const T* __restrict__ b, int64_t ldb,
-                                            T* __restrict__ c, int64_t ldc, int mr, int ncols,
-                                            bool accumulate, const T* bias, int64_t lda = 0) {
+template <typename T, int MR = kMR, int NV = kNV, typename AOp, typename BOp, typename COp>
+__attribute__((noinline)) void micro_kernel(int64_t kc, AOp a, BOp b, COp c, int mr, int ncols,
+                                            bool accumulate, const T* bias) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
-  V acc[kMR][kNV];
+  V acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r) {
-#pragma GCC unroll 3
-    for (int v = 0; v < kNV; ++v) acc[r][v] = S::zero();
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    V bv[kNV];
-#pragma GCC unroll 3
-    for (int v = 0; v < kNV; ++v) bv[v] = S::load(b + k * ldb + v * L);
+    const T* brow = b(k);
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
 #pragma GCC unroll 8
-    for (int r = 0; r < kMR; ++r) {
-      // ROWS: A read in place, row r at a + r * lda; else a packed panel
-      const V av = S::set1(ROWS ? a[r * lda + k] : a[k * kMR + r]);
-#pragma GCC unroll 3
-      for (int v = 0; v < kNV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
+    for (int r = 0; r < MR; ++r) {
+      const V av = S::set1(a(r, k));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < mr; ++r) {
-    T* crow = c + r * ldc;
+    T* crow = c(r);
     const V seed = (!accumulate && bias != nullptr) ? S::set1(bias[r]) : S::zero();
-#pragma GCC unroll 3
-    for (int v = 0; v < kNV; ++v) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
       const int valid = ncols - v * L;
       if (valid <= 0) break;
       V out = S::add(acc[r][v], seed);
@@ -208,23 +262,23 @@ struct BBlock {
   int64_t ld, panel_stride;
 };
 
-// C = (accumulate ? C : bias) + A @ B, A prepacked by pack_a. B comes from
-// `get_b(k0, kc, n0, ncols)` -> BBlock<T> for rows [k0, k0 + kc) and columns [n0, n0 + ncols)
-// (n0 a multiple of nc<T>()); it may pack on demand, point into B packed ahead, or point
-// straight into a row-major B.
-// The partial last panel of an in-place B (kc rows of `tail` < NR values, ld apart) copied,
+// The partial last panel of an in-place B (kc rows of `tail` < NR values, row k at b(k)) copied,
 // zero-padded to NR, into edge: the micro-kernel then never reads past the end of B and needs
 // no masked variant.
-template <typename T>
-const T* edge_panel(const T* b, int64_t ld, int64_t kc, int64_t tail, T* edge) {
-  constexpr int NR = nr<T>();
+template <typename T, int NR = nr<T>(), typename BOp>
+const T* edge_panel(BOp b, int64_t kc, int64_t tail, T* edge) {
   for (int64_t k = 0; k < kc; ++k) {
-    std::copy(b + k * ld, b + k * ld + tail, edge + k * NR);
+    const T* row = b(k);
+    std::copy(row, row + tail, edge + k * NR);
     std::fill(edge + k * NR + tail, edge + (k + 1) * NR, T(0));
   }
   return edge;
 }
 
+// C = (accumulate ? C : bias) + A @ B, A prepacked by pack_a. B comes from
+// `get_b(k0, kc, n0, ncols)` -> BBlock<T> for rows [k0, k0 + kc) and columns [n0, n0 + ncols)
+// (n0 a multiple of nc<T>()); it may pack on demand, point into B packed ahead, or point
+// straight into a row-major B.
 template <typename T, typename GetB>
 void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int64_t ldc,
           bool accumulate, const T* bias) {
@@ -241,7 +295,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int6
       const T* tail_b = bb.ptr + full * bb.panel_stride;
       int64_t tail_ld = bb.ld;
       if (tail != 0 && bb.ld != NR) {
-        tail_b = edge_panel(tail_b, bb.ld, kc, tail, edge);
+        tail_b = edge_panel(RowsB<T>{tail_b, bb.ld}, kc, tail, edge);
         tail_ld = NR;
       }
       const bool acc = accumulate || k0 > 0;
@@ -251,12 +305,12 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int6
         const T* bias_p = bias != nullptr ? bias + p * kMR : nullptr;
         T* cp = c + p * kMR * ldc + n0;
         for (int64_t q = 0; q < full; ++q) {
-          micro_kernel<T>(kc, a, bb.ptr + q * bb.panel_stride, bb.ld, cp + q * NR, ldc, mr, NR,
-                          acc, bias_p);
+          micro_kernel<T>(kc, PackedA<T>{a}, RowsB<T>{bb.ptr + q * bb.panel_stride, bb.ld},
+                          RowsC<T>{cp + q * NR, ldc}, mr, NR, acc, bias_p);
         }
         if (tail != 0) {
-          micro_kernel<T>(kc, a, tail_b, tail_ld, cp + full * NR, ldc, mr,
-                          static_cast<int>(tail), acc, bias_p);
+          micro_kernel<T>(kc, PackedA<T>{a}, RowsB<T>{tail_b, tail_ld},
+                          RowsC<T>{cp + full * NR, ldc}, mr, static_cast<int>(tail), acc, bias_p);
         }
       }
     }
@@ -283,7 +337,7 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T
       const T* tail_b = bk + full * NR;
       int64_t tail_ld = ldb;
       if (tail != 0) {
-        tail_b = edge_panel(tail_b, ldb, kc, tail, edge);
+        tail_b = edge_panel(RowsB<T>{tail_b, ldb}, kc, tail, edge);
         tail_ld = NR;
       }
       const bool acc = k0 > 0, last = k0 + kc == K;
@@ -304,12 +358,12 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T
         }
         T* cp = c + p * kMR * ldc + n0;
         for (int64_t q = 0; q < full; ++q) {
-          micro_kernel<T, true>(kc, ap, bk + q * NR, ldb, cp + q * NR, ldc, mr, NR, acc,
-                                nullptr, la);
+          micro_kernel<T>(kc, RowsA<T>{ap, la}, RowsB<T>{bk + q * NR, ldb},
+                          RowsC<T>{cp + q * NR, ldc}, mr, NR, acc, nullptr);
         }
         if (tail != 0) {
-          micro_kernel<T, true>(kc, ap, tail_b, tail_ld, cp + full * NR, ldc, mr,
-                                static_cast<int>(tail), acc, nullptr, la);
+          micro_kernel<T>(kc, RowsA<T>{ap, la}, RowsB<T>{tail_b, tail_ld},
+                          RowsC<T>{cp + full * NR, ldc}, mr, static_cast<int>(tail), acc, nullptr);
         }
         if (last && bias != nullptr) {
           for (int r = 0; r < mr; ++r) {
@@ -413,3 +467,17 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* 
 }  // namespace fastconv
 
 #endif  // __AVX512F__
+
+// Runs the lambda with scalar_t = float or double (the dtypes the own GEMM is built for).
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+#define FASTCONV_DISPATCH_OWN_GEMM(st, ...)                                  \
+  if ((st) == at::kFloat) {                                                  \
+    using scalar_t = float;                                                  \
+    __VA_ARGS__();                                                           \
+  } else {                                                                   \
+    using scalar_t = double;                                                 \
+    __VA_ARGS__();                                                           \
+  }
+#else
+#define FASTCONV_DISPATCH_OWN_GEMM(st, ...)
+#endif

@@ -1066,120 +1066,12 @@ void grad_weight_gemm(const at::Tensor& grad_output, const at::Tensor& input,
 
 // float32 / float64 take the own GEMM where the build has AVX-512; bfloat16 (and every dtype
 // on other builds) the at::mm back end.
-static bool use_own_gemm(at::ScalarType st) {
+bool use_own_gemm(at::ScalarType st) {
 #ifdef FASTCONV_HAVE_AVX512_GEMM
   return st == at::kFloat || st == at::kDouble;
 #else
   (void)st;
   return false;
-#endif
-}
-
-#ifdef FASTCONV_HAVE_AVX512_GEMM
-#define FASTCONV_DISPATCH_OWN_GEMM(st, ...)                                  \
-  if ((st) == at::kFloat) {                                                  \
-    using scalar_t = float;                                                  \
-    __VA_ARGS__();                                                           \
-  } else {                                                                   \
-    using scalar_t = double;                                                 \
-    __VA_ARGS__();                                                           \
-  }
-#else
-#define FASTCONV_DISPATCH_OWN_GEMM(st, ...)
-#endif
-
-bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st) {
-  return use_own_gemm(st) && is_pointwise(s) && s.groups == 1;
-}
-
-namespace {
-// c[M, N] = a[M, K] @ b[K, N] (+ bias per column), all contiguous row-major, the M rows split
-// between the threads in whole panels: the channels_last 1x1 forward (x @ W^T) and grad_input
-// (go @ W).
-void rows_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
-                  at::Tensor& c, int64_t M, int64_t N, int64_t K) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
-  FASTCONV_DISPATCH_OWN_GEMM(a.scalar_type(), [&] {
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    const scalar_t* bias_p = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* cp = c.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, div_up(M, gemm::kMR), parallel_grain(gemm::kMR * N * K),
-                     [&](int64_t p0, int64_t p1) {
-                       const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
-                       gemm::gemm_rows<scalar_t>(m1 - m0, N, K, ap + m0 * K, K, bp, N,
-                                                 cp + m0 * N, N, bias_p);
-                     });
-  })
-#else
-  (void)a, (void)b, (void)bias, (void)c, (void)M, (void)N, (void)K;
-  TORCH_INTERNAL_ASSERT(false, "the channels_last 1x1 GEMM needs the AVX-512 build");
-#endif
-}
-}  // namespace
-
-void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            at::Tensor& out, const Conv2dShape& s) {
-  const int64_t O = s.out_channels, C = s.in_channels;
-  rows_product(x, weight.reshape({O, C}).t().contiguous(), bias, out,
-               s.batch * s.out_h * s.out_w, O, C);
-}
-
-void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                               at::Tensor& grad_input, const Conv2dShape& s) {
-  const int64_t O = s.out_channels, C = s.in_channels;
-  rows_product(grad_output, weight.reshape({O, C}).contiguous(), at::Tensor(), grad_input,
-               s.batch * s.in_h * s.in_w, C, O);
-}
-
-// gw [O, C] = go^T [O, P] @ x [P, C], or its transpose x^T @ go when there are more output than
-// input channels: the smaller of the two (pixels x channels) matrices is packed transposed
-// (kMR channels per pixel, read in address order) and the other read in place. The threads
-// split the product's columns, or its rows when there are few columns; either way each element
-// sums all pixels in the same order: the same bits for any thread count.
-void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                at::Tensor& grad_weight, const Conv2dShape& s) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
-  const int64_t P = s.batch * s.out_h * s.out_w, C = s.in_channels, O = s.out_channels;
-  const bool swap = O > C;
-  const int64_t M = swap ? C : O, N = swap ? O : C;
-  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
-    using T = scalar_t;
-    const T* a = swap ? input.const_data_ptr<T>() : grad_output.const_data_ptr<T>();
-    const T* b = swap ? grad_output.const_data_ptr<T>() : input.const_data_ptr<T>();
-    at::Tensor result = swap ? at::empty({M, N}, grad_weight.options()) : grad_weight;
-    T* r = result.mutable_data_ptr<T>();
-    const int64_t panels = div_up(M, gemm::kMR);
-    at::Tensor packed = at::empty({gemm::packed_a_size(M, P)}, grad_output.options());
-    T* ap = packed.mutable_data_ptr<T>();
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      gemm::pack_a_panels(a, int64_t(1), M, M, P, ap, p0, p1);
-    });
-    // rows [m0, m1) x columns [n0, n1) of the product, summed over all pixels
-    constexpr int64_t NR = gemm::nr<T>();
-    auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
-        return gemm::BBlock<T>{b + k0 * N + n0 + j0, N, NR};
-      };
-      gemm::gemm<T>(m1 - m0, n1 - n0, P, ap + m0 * P, get_b, r + m0 * N + n0, N, false,
-                    nullptr);
-    };
-    const int64_t col_panels = div_up(N, NR);
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    if (col_panels >= 2 * threads || panels < 2) {
-      at::parallel_for(0, col_panels, 1, [&](int64_t q0, int64_t q1) {
-        block(0, M, q0 * NR, std::min(N, q1 * NR));
-      });
-    } else {
-      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        block(p0 * gemm::kMR, std::min(M, p1 * gemm::kMR), 0, N);
-      });
-    }
-    if (swap) grad_weight.view({O, C}).copy_(result.t());
-  })
-#else
-  (void)grad_output, (void)input, (void)grad_weight, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_grad_weight needs the AVX-512 GEMM");
 #endif
 }
 

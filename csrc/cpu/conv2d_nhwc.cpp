@@ -1,0 +1,497 @@
+// conv2d on channels_last tensors without NCHW copies (float32 / float64, the own AVX-512 GEMM),
+// one group. In channels_last an image is a (pixels x channels) matrix, so a convolution is a
+// sum over its taps of products of such matrices with the weight's (kH, kW) slices:
+//
+//   forward      out[n, y, x, :]  = sum_(i,j) x[n, y*sH + i*dH - pH, x*sW + j*dW - pW, :] @ W[:, :, i, j]^T
+//   grad_input   gi[n, y, x, :]   = sum_(i,j) go[n, (y + pH - i*dH) / sH, ..., :] @ W[:, :, i, j]
+//                                   (the taps where the division is exact and in range)
+//   grad_weight  gw[:, :, i, j]   = sum_p go[p, :]^T x[n, y*sH + i*dH - pH, ..., :]
+//
+// Forward and grad_input are one kernel (gather_conv): an implicit im2col. The GEMM's A panel
+// is MR destination pixels, and for each tap its rows are MR pointers into the source image
+// (a zero row where the tap falls in the padding), read in place by the micro-kernel; B is the
+// weight slice of that tap, (channels x N) row-major. Nothing is copied but the weight. A
+// task owns a block of destination pixels, so each output element is summed by one thread in
+// tap order: the same bits for any thread count. With a stride, grad_input visits a row's
+// pixels phase by phase (x = 0, sW, 2 sW, ..., then 1, 1 + sW, ...), so a panel's pixels
+// share their taps and a panel skips the taps that reach none of them.
+//
+// grad_weight: per tap, the product go^T (O x P) @ x_tap (P x C). go is read in place as the
+// A operand (MR output channels per pixel, MR contiguous values), the tap's gathered input
+// rows as B (one pointer per pixel). The threads split (tap, column panel, output channel
+// range) units; each element is summed over all pixels in one order whatever the split.
+//
+// 1x1 stride-1 convolutions are plain products of the (pixels x channels) matrices
+// (nhwc_pointwise_*): the same GEMM with A read as rows.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/conv2d.h"
+#include "cpu/conv2d_gemm.h"
+
+namespace fastconv {
+namespace conv2d_cpu {
+namespace {
+
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool is_pointwise(const Conv2dShape& s) {
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
+         s.pad_h == 0 && s.pad_w == 0;
+}
+
+// The weight [O][C][taps] rearranged tap by tap: [taps][C][O] (out_inner, the forward's B) or
+// [taps][O][C] (grad_input's B). A parallel loop writing whole rows: ATen's copy of the
+// permuted view walks it element by element on one thread (a fifth of a 512-channel layer's
+// forward).
+template <typename T>
+at::Tensor weight_by_tap(const at::Tensor& weight, bool out_inner) {
+  const int64_t O = weight.size(0), C = weight.size(1), taps = weight.size(2) * weight.size(3);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor b = at::empty({taps, out_inner ? C : O, out_inner ? O : C}, w.options());
+  const T* src = w.const_data_ptr<T>();
+  T* dst = b.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (O * taps));
+  if (out_inner) {
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t t = 0; t < taps; ++t) dst[(t * C + c) * O + o] = src[(o * C + c) * taps + t];
+    });
+  } else {
+    at::parallel_for(0, O, std::max<int64_t>(1, grain * O / C), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < taps; ++t) dst[(t * O + o) * C + c] = src[(o * C + c) * taps + t];
+    });
+  }
+  return b;
+}
+
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+
+// dst[n, y, x, 0:N] = sum over the taps (i, j) whose source pixel exists of
+// src[n, sy, sx, 0:K] @ B[(i * kw + j) * K : +K, 0:N] (+ bias[0:N]).
+template <typename T>
+struct Gather {
+  const T* src = nullptr;
+  int64_t SH = 0, SW = 0, K = 0;
+  T* dst = nullptr;
+  int64_t DH = 0, DW = 0, N = 0;
+  const T* B = nullptr;
+  const T* bias = nullptr;
+  int64_t batch = 0, kh = 0, kw = 0;
+  std::vector<int64_t> ymap;    // [y * kh + i]: the source row of destination row y's tap i, or -1
+  std::vector<int64_t> xmap;    // [x * kw + j]: likewise for columns
+  std::vector<int64_t> xorder;  // the destination columns of a row, in the order they are visited
+};
+
+// Whether the 6 x 4-vector tile pads n columns less than the 8 x 3-vector one (the two do the
+// same multiply-adds per broadcast): 64 float32 columns take one 64-wide panel, not 48 + 48.
+template <typename T>
+bool wide_tile(int64_t n) {
+  constexpr int64_t w3 = gemm::nr<T, gemm::kNV>(), w4 = gemm::nr<T, gemm::kNV4>();
+  return div_up(n, w4) * w4 < div_up(n, w3) * w3;
+}
+
+// Destination pixels [m0, m1) in visiting order (n, y, xorder[i]), in panels of MR, the
+// micro-kernel's tile MR x NV vectors.
+template <typename T, int MR, int NV>
+void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
+  using gemm::kKC;
+  constexpr int64_t NR = gemm::nr<T, NV>();
+  constexpr int64_t NC = 10 * NR;
+  const int64_t rows = m1 - m0, np = div_up(rows, MR);
+  std::vector<int64_t> pn(rows), py(rows), px(rows);
+  std::vector<T*> crow(np * MR, nullptr);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t n = m / (g.DH * g.DW), rem = m % (g.DH * g.DW);
+    const int64_t y = rem / g.DW, x = g.xorder[rem % g.DW];
+    pn[m - m0] = n, py[m - m0] = y, px[m - m0] = x;
+    crow[m - m0] = g.dst + ((n * g.DH + y) * g.DW + x) * g.N;
+  }
+  std::vector<char> started(np);
+  alignas(64) T zeros[kKC] = {};
+  alignas(64) T edge[kKC * NR];
+  for (int64_t n0 = 0; n0 < g.N; n0 += NC) {
+    const int64_t ncols = std::min(NC, g.N - n0);
+    const int64_t full = ncols / NR, tail = ncols % NR;
+    std::fill(started.begin(), started.end(), 0);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t tap = i * g.kw + j;
+        for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
+          const int64_t kc = std::min(kKC, g.K - k0);
+          const T* bk = g.B + (tap * g.K + k0) * g.N + n0;
+          const T* tail_b =
+              tail != 0 ? gemm::edge_panel<T, NR>(gemm::RowsB<T>{bk + full * NR, g.N}, kc, tail, edge)
+                        : nullptr;
+          for (int64_t p = 0; p < np; ++p) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, rows - p * MR));
+            gemm::PtrA<T, MR> a;
+            bool any = false;
+            for (int r = 0; r < MR; ++r) {
+              a.p[r] = zeros;
+              if (r >= mr) continue;
+              const int64_t at = p * MR + r;
+              const int64_t sy = g.ymap[py[at] * g.kh + i], sx = g.xmap[px[at] * g.kw + j];
+              if (sy < 0 || sx < 0) continue;
+              a.p[r] = g.src + ((pn[at] * g.SH + sy) * g.SW + sx) * g.K + k0;
+              any = true;
+            }
+            if (!any) continue;
+            const bool acc = started[p] != 0;
+            started[p] = 1;
+            T* const* cr = crow.data() + p * MR;
+            for (int64_t q = 0; q < full; ++q) {
+              gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{bk + q * NR, g.N},
+                                    gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, acc, nullptr);
+            }
+            if (tail != 0) {
+              gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{tail_b, NR},
+                                    gemm::PtrC<T>{cr, n0 + full * NR}, mr,
+                                    static_cast<int>(tail), acc, nullptr);
+            }
+          }
+        }
+      }
+    }
+    // pixels no tap reaches (grad_input with a stride larger than the kernel) are zero
+    for (int64_t at = 0; at < rows; ++at) {
+      T* c = crow[at] + n0;
+      if (started[at / MR] == 0) std::fill(c, c + ncols, T(0));
+      if (g.bias != nullptr) {
+        for (int64_t n = 0; n < ncols; ++n) c[n] += g.bias[n0 + n];
+      }
+    }
+  }
+}
+
+// Tasks of whole panels whose output block (rows x min(N, nc) values, ~256 KiB) stays in L2
+// while every tap's weight slice streams past it; at least one task per thread.
+template <typename T, int MR, int NV>
+void gather_conv_tiled(const Gather<T>& g) {
+  const int64_t M = g.batch * g.DH * g.DW;
+  const int64_t panels = div_up(M, MR);
+  const int64_t block_cols = std::min<int64_t>(g.N, 10 * gemm::nr<T, NV>());
+  const int64_t rows = std::clamp<int64_t>((int64_t{256} << 10) / int64_t(sizeof(T)) / block_cols,
+                                           64, 1024);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t tasks = std::max(div_up(M, rows), threads);
+  tasks = std::min(panels, div_up(tasks, threads) * threads);
+  const int64_t per = div_up(panels, tasks);
+  tasks = div_up(panels, per);
+  const int64_t work = per * MR * g.N * g.K * g.kh * g.kw;
+  at::parallel_for(0, tasks, parallel_grain(work), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      gather_task<T, MR, NV>(g, t * per * MR, std::min(M, (t + 1) * per * MR));
+    }
+  });
+}
+
+template <typename T>
+void gather_conv(const Gather<T>& g) {
+  if (wide_tile<T>(g.N)) {
+    gather_conv_tiled<T, gemm::kMR6, gemm::kNV4>(g);
+  } else {
+    gather_conv_tiled<T, gemm::kMR, gemm::kNV>(g);
+  }
+}
+
+template <typename T>
+void forward_gather(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                    at::Tensor& out, const Conv2dShape& s) {
+  const at::Tensor B = weight_by_tap<T>(weight, true);  // [kh * kw][C][O]
+  Gather<T> g;
+  g.src = x.const_data_ptr<T>(), g.SH = s.in_h, g.SW = s.in_w, g.K = s.in_channels;
+  g.dst = out.mutable_data_ptr<T>(), g.DH = s.out_h, g.DW = s.out_w, g.N = s.out_channels;
+  g.B = B.const_data_ptr<T>();
+  g.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  g.batch = s.batch, g.kh = s.kernel_h, g.kw = s.kernel_w;
+  auto tap_map = [](int64_t dst, int64_t taps, int64_t src, int64_t stride, int64_t dil,
+                    int64_t pad) {
+    std::vector<int64_t> m(dst * taps);
+    for (int64_t y = 0; y < dst; ++y) {
+      for (int64_t i = 0; i < taps; ++i) {
+        const int64_t sy = y * stride + i * dil - pad;
+        m[y * taps + i] = (sy >= 0 && sy < src) ? sy : -1;
+      }
+    }
+    return m;
+  };
+  g.ymap = tap_map(s.out_h, s.kernel_h, s.in_h, s.stride_h, s.dil_h, s.pad_h);
+  g.xmap = tap_map(s.out_w, s.kernel_w, s.in_w, s.stride_w, s.dil_w, s.pad_w);
+  g.xorder.resize(s.out_w);
+  for (int64_t x0 = 0; x0 < s.out_w; ++x0) g.xorder[x0] = x0;
+  gather_conv(g);
+}
+
+template <typename T>
+void grad_input_gather(const at::Tensor& go, const at::Tensor& weight, at::Tensor& gi,
+                       const Conv2dShape& s) {
+  const at::Tensor B = weight_by_tap<T>(weight, false);  // [kh * kw][O][C]
+  Gather<T> g;
+  g.src = go.const_data_ptr<T>(), g.SH = s.out_h, g.SW = s.out_w, g.K = s.out_channels;
+  g.dst = gi.mutable_data_ptr<T>(), g.DH = s.in_h, g.DW = s.in_w, g.N = s.in_channels;
+  g.B = B.const_data_ptr<T>();
+  g.batch = s.batch, g.kh = s.kernel_h, g.kw = s.kernel_w;
+  // input row y's tap i comes from output row (y + pad - i * dil) / stride when that is exact
+  auto tap_map = [](int64_t dst, int64_t taps, int64_t src, int64_t stride, int64_t dil,
+                    int64_t pad) {
+    std::vector<int64_t> m(dst * taps);
+    for (int64_t y = 0; y < dst; ++y) {
+      for (int64_t i = 0; i < taps; ++i) {
+        const int64_t num = y + pad - i * dil;
+        const bool ok = num >= 0 && num % stride == 0 && num / stride < src;
+        m[y * taps + i] = ok ? num / stride : -1;
+      }
+    }
+    return m;
+  };
+  g.ymap = tap_map(s.in_h, s.kernel_h, s.out_h, s.stride_h, s.dil_h, s.pad_h);
+  g.xmap = tap_map(s.in_w, s.kernel_w, s.out_w, s.stride_w, s.dil_w, s.pad_w);
+  for (int64_t phase = 0; phase < s.stride_w; ++phase) {
+    for (int64_t x0 = phase; x0 < s.in_w; x0 += s.stride_w) g.xorder.push_back(x0);
+  }
+  gather_conv(g);
+}
+
+// R[tap][o][c] = sum_p go[p, o] * x_tap[p, c] over the P output pixels, x_tap[p] the input
+// pixel tap reads for output pixel p (zero in the padding).
+template <typename T, int MR, int NV>
+void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
+                              const Conv2dShape& s) {
+  using gemm::kKC;
+  constexpr int64_t NR = gemm::nr<T, NV>();
+  const int64_t O = s.out_channels, C = s.in_channels, taps = s.kernel_h * s.kernel_w;
+  const int64_t plane = s.out_h * s.out_w, P = s.batch * plane;
+  at::Tensor result = at::empty({taps, O, C}, gw.options());
+  T* R = result.mutable_data_ptr<T>();
+  const T* gop = go.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t col_panels = div_up(C, NR), o_panels = div_up(O, MR);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t units = taps * col_panels;
+  const int64_t o_split = std::clamp<int64_t>(div_up(2 * threads, units), 1, o_panels);
+  const int64_t o_per = div_up(o_panels, o_split);
+  at::parallel_for(0, units * o_split, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<const T*> brows(kKC);
+    std::vector<T> zeros(C, T(0));
+    std::vector<int64_t> pn(kKC), py(kKC), px(kKC);
+    alignas(64) T edge[kKC * NR];
+    alignas(64) T abuf[kKC * MR];
+    for (int64_t k0 = 0; k0 < P; k0 += kKC) {
+      const int64_t kc = std::min(kKC, P - k0);
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t p = k0 + k;
+        pn[k] = p / plane, py[k] = p % plane / s.out_w, px[k] = p % s.out_w;
+      }
+      int64_t built = -1;
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t tap = u / (col_panels * o_split);
+        const int64_t q = u / o_split % col_panels, os = u % o_split;
+        if (tap != built) {
+          const int64_t i = tap / s.kernel_w, j = tap % s.kernel_w;
+          for (int64_t k = 0; k < kc; ++k) {
+            const int64_t iy = py[k] * s.stride_h + i * s.dil_h - s.pad_h;
+            const int64_t ix = px[k] * s.stride_w + j * s.dil_w - s.pad_w;
+            const bool in = iy >= 0 && iy < s.in_h && ix >= 0 && ix < s.in_w;
+            brows[k] = in ? xp + ((pn[k] * s.in_h + iy) * s.in_w + ix) * C : zeros.data();
+          }
+          built = tap;
+        }
+        const int64_t n0 = q * NR, ncols = std::min(NR, C - n0);
+        const gemm::PtrB<T> b{brows.data(), n0};
+        const T* eb = ncols < NR ? gemm::edge_panel<T, NR>(b, kc, ncols, edge) : nullptr;
+        for (int64_t op = os * o_per; op < std::min(o_panels, (os + 1) * o_per); ++op) {
+          const int64_t o0 = op * MR;
+          const int mr = static_cast<int>(std::min<int64_t>(MR, O - o0));
+          gemm::ColumnsA<T> a{gop + k0 * O + o0, O};
+          if (mr < MR) {  // the last output channels: a zero-padded copy, not past go's end
+            for (int64_t k = 0; k < kc; ++k) {
+              for (int r = 0; r < MR; ++r) abuf[k * MR + r] = r < mr ? a(r, k) : T(0);
+            }
+            a = gemm::ColumnsA<T>{abuf, MR};
+          }
+          const gemm::RowsC<T> c{R + (tap * O + o0) * C + n0, C};
+          if (eb != nullptr) {
+            gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{eb, NR}, c, mr, static_cast<int>(ncols),
+                                  k0 > 0, nullptr);
+          } else {
+            gemm::micro_kernel<T, MR, NV>(kc, a, b, c, mr, NR, k0 > 0, nullptr);
+          }
+        }
+      }
+    }
+  });
+  // gw[o][c][tap] = R[tap][o][c], whole rows of gw per thread
+  T* g = gw.mutable_data_ptr<T>();
+  at::parallel_for(0, O, std::max<int64_t>(1, (int64_t{1} << 16) / (C * taps)),
+                   [&](int64_t o0, int64_t o1) {
+                     for (int64_t o = o0; o < o1; ++o)
+                       for (int64_t c = 0; c < C; ++c)
+                         for (int64_t t = 0; t < taps; ++t)
+                           g[(o * C + c) * taps + t] = R[(t * O + o) * C + c];
+                   });
+}
+
+template <typename T>
+void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
+                        const Conv2dShape& s) {
+  if (wide_tile<T>(s.in_channels)) {
+    grad_weight_gather_tiled<T, gemm::kMR6, gemm::kNV4>(go, x, gw, s);
+  } else {
+    grad_weight_gather_tiled<T, gemm::kMR, gemm::kNV>(go, x, gw, s);
+  }
+}
+
+#endif  // FASTCONV_HAVE_AVX512_GEMM
+
+}  // namespace
+
+bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st) {
+  return use_own_gemm(st) && is_pointwise(s) && s.groups == 1;
+}
+
+bool nhwc_gather_applies(const Conv2dShape& s, at::ScalarType st) {
+  // a tap's slice of the reduction is the channel count: below 16 the micro-kernel's tile
+  // loads and stores would cost as much as its multiply-adds
+  return use_own_gemm(st) && s.groups == 1 && s.in_channels >= 16 && s.out_channels >= 16;
+}
+
+namespace {
+// c[M, N] = a[M, K] @ b[K, N] (+ bias per column), all contiguous row-major, the M rows split
+// between the threads in whole panels: the channels_last 1x1 forward (x @ W^T) and grad_input
+// (go @ W).
+void rows_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                  at::Tensor& c, int64_t M, int64_t N, int64_t K) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  FASTCONV_DISPATCH_OWN_GEMM(a.scalar_type(), [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    const scalar_t* bias_p = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* cp = c.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, div_up(M, gemm::kMR), parallel_grain(gemm::kMR * N * K),
+                     [&](int64_t p0, int64_t p1) {
+                       const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
+                       gemm::gemm_rows<scalar_t>(m1 - m0, N, K, ap + m0 * K, K, bp, N,
+                                                 cp + m0 * N, N, bias_p);
+                     });
+  })
+#else
+  (void)a, (void)b, (void)bias, (void)c, (void)M, (void)N, (void)K;
+  TORCH_INTERNAL_ASSERT(false, "the channels_last 1x1 GEMM needs the AVX-512 build");
+#endif
+}
+}  // namespace
+
+void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor& out, const Conv2dShape& s) {
+  const int64_t O = s.out_channels, C = s.in_channels;
+  const at::Tensor wt = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nhwc_pointwise_forward", [&] {
+    return weight_by_tap<scalar_t>(weight, true);  // W^T [C][O]
+  });
+  rows_product(x, wt, bias, out,
+               s.batch * s.out_h * s.out_w, O, C);
+}
+
+void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                               at::Tensor& grad_input, const Conv2dShape& s) {
+  const int64_t O = s.out_channels, C = s.in_channels;
+  rows_product(grad_output, weight.reshape({O, C}).contiguous(), at::Tensor(), grad_input,
+               s.batch * s.in_h * s.in_w, C, O);
+}
+
+// gw [O, C] = go^T [O, P] @ x [P, C], or its transpose x^T @ go when there are more output than
+// input channels: the smaller of the two (pixels x channels) matrices is packed transposed
+// (kMR channels per pixel, read in address order) and the other read in place. The threads
+// split the product's columns, or its rows when there are few columns; either way each element
+// sums all pixels in the same order: the same bits for any thread count.
+void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                at::Tensor& grad_weight, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  const int64_t P = s.batch * s.out_h * s.out_w, C = s.in_channels, O = s.out_channels;
+  const bool swap = O > C;
+  const int64_t M = swap ? C : O, N = swap ? O : C;
+  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
+    using T = scalar_t;
+    const T* a = swap ? input.const_data_ptr<T>() : grad_output.const_data_ptr<T>();
+    const T* b = swap ? grad_output.const_data_ptr<T>() : input.const_data_ptr<T>();
+    at::Tensor result = swap ? at::empty({M, N}, grad_weight.options()) : grad_weight;
+    T* r = result.mutable_data_ptr<T>();
+    const int64_t panels = div_up(M, gemm::kMR);
+    at::Tensor packed = at::empty({gemm::packed_a_size(M, P)}, grad_output.options());
+    T* ap = packed.mutable_data_ptr<T>();
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      gemm::pack_a_panels(a, int64_t(1), M, M, P, ap, p0, p1);
+    });
+    // rows [m0, m1) x columns [n0, n1) of the product, summed over all pixels
+    constexpr int64_t NR = gemm::nr<T>();
+    auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
+        return gemm::BBlock<T>{b + k0 * N + n0 + j0, N, NR};
+      };
+      gemm::gemm<T>(m1 - m0, n1 - n0, P, ap + m0 * P, get_b, r + m0 * N + n0, N, false,
+                    nullptr);
+    };
+    const int64_t col_panels = div_up(N, NR);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    if (col_panels >= 2 * threads || panels < 2) {
+      at::parallel_for(0, col_panels, 1, [&](int64_t q0, int64_t q1) {
+        block(0, M, q0 * NR, std::min(N, q1 * NR));
+      });
+    } else {
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        block(p0 * gemm::kMR, std::min(M, p1 * gemm::kMR), 0, N);
+      });
+    }
+    if (swap) grad_weight.view({O, C}).copy_(result.t());
+  })
+#else
+  (void)grad_output, (void)input, (void)grad_weight, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_grad_weight needs the AVX-512 GEMM");
+#endif
+}
+
+void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  at::Tensor& out, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  FASTCONV_DISPATCH_OWN_GEMM(x.scalar_type(),
+                             [&] { forward_gather<scalar_t>(x, weight, bias, out, s); })
+#else
+  (void)x, (void)weight, (void)bias, (void)out, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
+#endif
+}
+
+void nhwc_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                     at::Tensor& grad_input, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
+    grad_input_gather<scalar_t>(grad_output, weight, grad_input, s);
+  })
+#else
+  (void)grad_output, (void)weight, (void)grad_input, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
+#endif
+}
+
+void nhwc_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                      at::Tensor& grad_weight, const Conv2dShape& s) {
+#ifdef FASTCONV_HAVE_AVX512_GEMM
+  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
+    grad_weight_gather<scalar_t>(grad_output, input, grad_weight, s);
+  })
+#else
+  (void)grad_output, (void)input, (void)grad_weight, (void)s;
+  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
+#endif
+}
+
+}  // namespace conv2d_cpu
+}  // namespace fastconv
