@@ -291,45 +291,6 @@ def test_im2col_blocking(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("n,c,h,w,o", [
-    (2, 3, 5, 7, 4),        # more output than input channels: grad_weight packs x, not go
-    (3, 17, 5, 3, 50),      # pixels not a multiple of the 8-row panel, a partial column panel
-    (1, 300, 3, 3, 530),    # K past one K block (256), N past one N block (480)
-    (4, 257, 6, 5, 97),
-    (1, 1000, 2, 2, 7),     # fewer output channels than one panel
-])
-def test_channels_last_pointwise_gemm(n, c, h, w, o, bias, dtype):
-    """channels_last 1x1 convolutions run as one GEMM on the (pixels x channels) matrices, no
-    NCHW copies: forward, grad_input and grad_weight against torch in float64, layouts kept,
-    grad_weight the same at 1-3 threads."""
-    x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    wt = torch.randn(o, c, 1, 1, dtype=dtype)
-    b = torch.randn(o, dtype=dtype) if bias else None
-    xa, wa = x.clone().requires_grad_(), wt.clone().requires_grad_()
-    ba = b.clone().requires_grad_() if bias else None
-    out = fastconv.conv2d(xa, wa, ba)
-    assert is_channels_last(out)
-    x64, w64 = x.double().requires_grad_(), wt.double().requires_grad_()
-    b64 = b.double().requires_grad_() if bias else None
-    exp = F.conv2d(x64, w64, b64)
-    assert_close(out, exp, dtype=dtype, reduction=c)
-    go = torch.randn(exp.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    got = torch.autograd.grad(out, (xa, wa) + ((ba,) if bias else ()), go.to(dtype))
-    ref = torch.autograd.grad(exp, (x64, w64) + ((b64,) if bias else ()), go)
-    assert is_channels_last(got[0])
-    assert_close(got[0], ref[0], dtype=dtype, reduction=o)
-    for a, e in zip(got[1:], ref[1:]):
-        assert_close(a, e, dtype=dtype, reduction=n * h * w)
-    gws = []
-    for threads in (1, 2, 3):
-        with _num_threads(threads):
-            gws.append(ops._conv2d_grad_weight(go.to(dtype), x, list(wt.shape), [1, 1], [0, 0],
-                                               [1, 1], 1, "auto"))
-    assert torch.equal(gws[0], gws[1]) and torch.equal(gws[0], gws[2])
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [
     (2, 16, 9, 11, 24, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),     # 8-row tile (24 columns)
     (1, 64, 7, 7, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),     # 6-row tile (64 columns)
@@ -342,6 +303,9 @@ def test_channels_last_pointwise_gemm(n, c, h, w, o, bias, dtype):
     (1, 16, 3, 4, 16, 3, 3, (1, 1), (4, 2), (1, 1), 1, True),      # padding past the kernel
     (1, 520, 5, 5, 500, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),    # K and N past one block
     (2, 16, 12, 12, 704, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),  # two 640-wide N blocks
+    (3, 17, 5, 3, 50, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),      # 1x1: one tap
+    (1, 300, 3, 3, 530, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),   # 1x1, K and N past a block
+    (4, 257, 6, 5, 97, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),
 ], ids=_ids)
 def test_channels_last_gather_gemm(case, dtype):
     """One-group channels_last convolutions run on the (pixels x channels) matrices, the input

@@ -29,18 +29,12 @@ void finish(at::Tensor& result, const at::Tensor& nchw) {
   if (!nchw.is_same(result)) result.copy_(nchw);
 }
 
-// How an im2col call whose activations are laid out like `t` runs when t is channels_last (and
-// not also NCHW-contiguous): as one GEMM on the (pixels x channels) matrices (1x1 stride 1), as
-// a sum of such GEMMs over the taps with the rows gathered in place, or (kNone) on NCHW copies.
-enum class ChannelsLast { kNone, kPointwise, kGather };
-ChannelsLast channels_last_path(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t) {
-  if (a != ConvAlgo::kIm2col || !t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-      t.is_contiguous()) {
-    return ChannelsLast::kNone;
-  }
-  if (conv2d_cpu::nhwc_pointwise_applies(s, t.scalar_type())) return ChannelsLast::kPointwise;
-  if (conv2d_cpu::nhwc_gather_applies(s, t.scalar_type())) return ChannelsLast::kGather;
-  return ChannelsLast::kNone;
+// Whether an im2col call whose activations are laid out like `t` runs on the channels_last
+// tensors themselves (conv2d_nhwc.cpp): t channels_last (and not also NCHW-contiguous), a shape
+// and dtype the gathered GEMM takes. Otherwise it runs on NCHW copies.
+bool channels_last_gemm(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t) {
+  return a == ConvAlgo::kIm2col && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         !t.is_contiguous() && conv2d_cpu::nhwc_applies(s, t.scalar_type());
 }
 
 }  // namespace
@@ -59,14 +53,9 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                              conv_memory_format(input, weight));
   advise_huge_pages(out);
   if (out.numel() == 0) return out;
-  const ChannelsLast cl = channels_last_path(a, s, out);
-  if (cl != ChannelsLast::kNone) {
-    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    if (cl == ChannelsLast::kPointwise) {
-      conv2d_cpu::nhwc_pointwise_forward(x, weight, defined_or_empty(bias), out, s);
-    } else {
-      conv2d_cpu::nhwc_forward(x, weight, defined_or_empty(bias), out, s);
-    }
+  if (channels_last_gemm(a, s, out)) {
+    conv2d_cpu::nhwc_forward(input.contiguous(at::MemoryFormat::ChannelsLast), weight,
+                             defined_or_empty(bias), out, s);
     return out;
   }
   const at::Tensor x = input.contiguous();
@@ -99,14 +88,9 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
                             conv_memory_format(grad_output, weight));
   advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
-  const ChannelsLast cl = channels_last_path(a, s, gi);
-  if (cl != ChannelsLast::kNone) {
-    const at::Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-    if (cl == ChannelsLast::kPointwise) {
-      conv2d_cpu::nhwc_pointwise_grad_input(go, weight, gi, s);
-    } else {
-      conv2d_cpu::nhwc_grad_input(go, weight, gi, s);
-    }
+  if (channels_last_gemm(a, s, gi)) {
+    conv2d_cpu::nhwc_grad_input(grad_output.contiguous(at::MemoryFormat::ChannelsLast), weight,
+                                gi, s);
     return gi;
   }
   const at::Tensor go = grad_output.contiguous();
@@ -136,14 +120,9 @@ at::Tensor conv2d_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   }
   if (s.batch == 0) return at::zeros(weight_size, grad_output.options());
   at::Tensor gw = at::empty(weight_size, grad_output.options());
-  const ChannelsLast cl = channels_last_path(a, s, grad_output);
-  if (cl != ChannelsLast::kNone) {
-    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    if (cl == ChannelsLast::kPointwise) {
-      conv2d_cpu::nhwc_pointwise_grad_weight(grad_output, x, gw, s);
-    } else {
-      conv2d_cpu::nhwc_grad_weight(grad_output, x, gw, s);
-    }
+  if (channels_last_gemm(a, s, grad_output)) {
+    conv2d_cpu::nhwc_grad_weight(grad_output, input.contiguous(at::MemoryFormat::ChannelsLast),
+                                 gw, s);
     return gw;
   }
   const at::Tensor go = grad_output.contiguous();

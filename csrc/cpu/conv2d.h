@@ -25,22 +25,11 @@ void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
 // float32 / float64 where the build has the own AVX-512 GEMM (conv2d_gemm.h).
 bool use_own_gemm(at::ScalarType st);
 
-// channels_last convolutions without NCHW copies (conv2d_nhwc.cpp); x, grad_output and the
-// results channels_last contiguous, grad_weight contiguous.
-// 1x1 stride-1 unpadded, one group: one GEMM on the (pixels x channels) matrices.
-bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st);
-// out[p, o] = sum_c x[p, c] * w[o, c] (+ bias[o])
-void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            at::Tensor& out, const Conv2dShape& s);
-// gi[p, c] = sum_o go[p, o] * w[o, c]
-void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                               at::Tensor& grad_input, const Conv2dShape& s);
-// gw[o, c] = sum_p go[p, o] * x[p, c]
-void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                at::Tensor& grad_weight, const Conv2dShape& s);
-// Any other one-group shape with at least 16 input and output channels: a sum over the taps of
-// such products, the activations' rows gathered in place (an implicit im2col).
-bool nhwc_gather_applies(const Conv2dShape& s, at::ScalarType st);
+// channels_last convolutions without NCHW copies (conv2d_nhwc.cpp): one group, at least 16
+// input and output channels, float32 / float64 with the own GEMM. x, grad_output and the
+// results channels_last contiguous, grad_weight contiguous. A sum over the taps of products of
+// (pixels x channels) matrices with the weight, the activations' rows gathered in place.
+bool nhwc_applies(const Conv2dShape& s, at::ScalarType st);
 void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& out, const Conv2dShape& s);
 void nhwc_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,

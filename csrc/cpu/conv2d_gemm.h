@@ -117,19 +117,13 @@ inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR 
 
 // How the micro-kernel reads its operands: A(r, k) is element (r, k) of the MR-row A panel,
 // B(k) points at row k of the B panel (NR values), C(r) at row r of the C tile. The A panel
-// comes packed ([k][kMR]), as rows lda apart (gemm_rows), as columns of a row-major matrix
+// comes packed ([k][kMR]), as columns of a row-major matrix
 // (k-th row of MR values lda apart), or as MR row pointers (the rows of an implicit im2col,
 // a zero row where a tap reads padding); B as rows ldb apart or as one pointer per row.
 template <typename T>
 struct PackedA {
   const T* a;
   T operator()(int r, int64_t k) const { return a[k * kMR + r]; }
-};
-template <typename T>
-struct RowsA {
-  const T* a;
-  int64_t lda;
-  T operator()(int r, int64_t k) const { return a[r * lda + k]; }
 };
 template <typename T>
 struct ColumnsA {
@@ -311,65 +305,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* ap, GetB&& get_b, T* c, int6
         if (tail != 0) {
           micro_kernel<T>(kc, PackedA<T>{a}, RowsB<T>{tail_b, tail_ld},
                           RowsC<T>{cp + full * NR, ldc}, mr, static_cast<int>(tail), acc, bias_p);
-        }
-      }
-    }
-  }
-}
-
-// C[M, N] = A[M, K] @ B[K, N] (+ bias[n] per column), all three row-major (lda, ldb, ldc),
-// A read in place: a channels_last 1x1 convolution is this product of the (pixels x channels)
-// matrix with the weight, and A, the activations, is too large to pack first. Each A row is
-// read once per block of N columns and K rows; the last partial panel of A rows is copied,
-// zero-padded, so the micro-kernel never reads past the end of A.
-template <typename T>
-void gemm_rows(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
-               T* c, int64_t ldc, const T* bias) {
-  constexpr int NR = nr<T>();
-  alignas(64) T edge[kKC * NR];
-  alignas(64) T arows[kMR * kKC];
-  for (int64_t n0 = 0; n0 < N; n0 += nc<T>()) {
-    const int64_t ncols = std::min(nc<T>(), N - n0);
-    const int64_t full = ncols / NR, tail = ncols % NR;
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = std::min(kKC, K - k0);
-      const T* bk = b + k0 * ldb + n0;
-      const T* tail_b = bk + full * NR;
-      int64_t tail_ld = ldb;
-      if (tail != 0) {
-        tail_b = edge_panel(RowsB<T>{tail_b, ldb}, kc, tail, edge);
-        tail_ld = NR;
-      }
-      const bool acc = k0 > 0, last = k0 + kc == K;
-      for (int64_t p = 0; p * kMR < M; ++p) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - p * kMR));
-        const T* ap = a + p * kMR * lda + k0;
-        int64_t la = lda;
-        if (mr < kMR) {
-          for (int r = 0; r < kMR; ++r) {
-            if (r < mr) {
-              std::copy(ap + r * lda, ap + r * lda + kc, arows + r * kc);
-            } else {
-              std::fill(arows + r * kc, arows + (r + 1) * kc, T(0));
-            }
-          }
-          ap = arows;
-          la = kc;
-        }
-        T* cp = c + p * kMR * ldc + n0;
-        for (int64_t q = 0; q < full; ++q) {
-          micro_kernel<T>(kc, RowsA<T>{ap, la}, RowsB<T>{bk + q * NR, ldb},
-                          RowsC<T>{cp + q * NR, ldc}, mr, NR, acc, nullptr);
-        }
-        if (tail != 0) {
-          micro_kernel<T>(kc, RowsA<T>{ap, la}, RowsB<T>{tail_b, tail_ld},
-                          RowsC<T>{cp + full * NR, ldc}, mr, static_cast<int>(tail), acc, nullptr);
-        }
-        if (last && bias != nullptr) {
-          for (int r = 0; r < mr; ++r) {
-            T* crow = cp + r * ldc;
-            for (int64_t n = 0; n < ncols; ++n) crow[n] += bias[n0 + n];
-          }
         }
       }
     }

@@ -2,10 +2,11 @@
 // one group. In channels_last an image is a (pixels x channels) matrix, so a convolution is a
 // sum over its taps of products of such matrices with the weight's (kH, kW) slices:
 //
-//   forward      out[n, y, x, :]  = sum_(i,j) x[n, y*sH + i*dH - pH, x*sW + j*dW - pW, :] @ W[:, :, i, j]^T
-//   grad_input   gi[n, y, x, :]   = sum_(i,j) go[n, (y + pH - i*dH) / sH, ..., :] @ W[:, :, i, j]
-//                                   (the taps where the division is exact and in range)
-//   grad_weight  gw[:, :, i, j]   = sum_p go[p, :]^T x[n, y*sH + i*dH - pH, ..., :]
+//   forward      out[n, y, x, :] = sum_(i,j) x[n, y*sH + i*dH - pH, x*sW + j*dW - pW, :] @ W_ij^T
+//   grad_input   gi[n, y, x, :]  = sum_(i,j) go[n, (y + pH - i*dH) / sH, ..., :] @ W_ij
+//                                  (the taps where the division is exact and in range)
+//   grad_weight  W_ij's gradient = sum_p go[p, :]^T x[n, y*sH + i*dH - pH, ..., :]
+// with W_ij = W[:, :, i, j], an (O x C) matrix.
 //
 // Forward and grad_input are one kernel (gather_conv): an implicit im2col. The GEMM's A panel
 // is MR destination pixels, and for each tap its rows are MR pointers into the source image
@@ -21,11 +22,11 @@
 // rows as B (one pointer per pixel). The threads split (tap, column panel, output channel
 // range) units; each element is summed over all pixels in one order whatever the split.
 //
-// 1x1 stride-1 convolutions are plain products of the (pixels x channels) matrices
-// (nhwc_pointwise_*): the same GEMM with A read as rows.
+// A 1x1 stride-1 convolution is the one-tap case: a plain product of the (pixels x channels)
+// matrices. The micro-kernel's tile is 8 x 3 vectors or 6 x 4 vectors, whichever pads the
+// GEMM's N (a channel count) less: 64 float32 channels fit the second exactly.
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -40,11 +41,6 @@ namespace {
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool is_pointwise(const Conv2dShape& s) {
-  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
-         s.pad_h == 0 && s.pad_w == 0;
-}
-
 // The weight [O][C][taps] rearranged tap by tap: [taps][C][O] (out_inner, the forward's B) or
 // [taps][O][C] (grad_input's B). A parallel loop writing whole rows: ATen's copy of the
 // permuted view walks it element by element on one thread (a fifth of a 512-channel layer's
@@ -58,10 +54,24 @@ at::Tensor weight_by_tap(const at::Tensor& weight, bool out_inner) {
   T* dst = b.mutable_data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (O * taps));
   if (out_inner) {
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t o = 0; o < O; ++o)
-          for (int64_t t = 0; t < taps; ++t) dst[(t * C + c) * O + o] = src[(o * C + c) * taps + t];
+    // blocks of 16 output x 16 input channels: the block's source rows and the 16 * taps
+    // destination lines it fills stay in L1 (a plain walk re-reads each source line per c)
+    constexpr int64_t kB = 16;
+    const int64_t blocks = div_up(C, kB);
+    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kB), [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0 * kB; c0 < std::min(C, b1 * kB); c0 += kB) {
+        const int64_t c1 = std::min(C, c0 + kB);
+        for (int64_t o0 = 0; o0 < O; o0 += kB) {
+          const int64_t ob = std::min(kB, O - o0), ld = C * taps;
+          for (int64_t c = c0; c < c1; ++c) {
+            for (int64_t t = 0; t < taps; ++t) {
+              T* d = dst + (t * C + c) * O + o0;
+              const T* from = src + (o0 * C + c) * taps + t;
+              for (int64_t o = 0; o < ob; ++o) d[o] = from[o * ld];
+            }
+          }
+        }
+      }
     });
   } else {
     at::parallel_for(0, O, std::max<int64_t>(1, grain * O / C), [&](int64_t o0, int64_t o1) {
@@ -128,9 +138,10 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
         for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
           const int64_t kc = std::min(kKC, g.K - k0);
           const T* bk = g.B + (tap * g.K + k0) * g.N + n0;
-          const T* tail_b =
-              tail != 0 ? gemm::edge_panel<T, NR>(gemm::RowsB<T>{bk + full * NR, g.N}, kc, tail, edge)
-                        : nullptr;
+          const T* tail_b = nullptr;
+          if (tail != 0) {
+            tail_b = gemm::edge_panel<T, NR>(gemm::RowsB<T>{bk + full * NR, g.N}, kc, tail, edge);
+          }
           for (int64_t p = 0; p < np; ++p) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, rows - p * MR));
             gemm::PtrA<T, MR> a;
@@ -320,8 +331,8 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
           }
           const gemm::RowsC<T> c{R + (tap * O + o0) * C + n0, C};
           if (eb != nullptr) {
-            gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{eb, NR}, c, mr, static_cast<int>(ncols),
-                                  k0 > 0, nullptr);
+            gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{eb, NR}, c, mr,
+                                          static_cast<int>(ncols), k0 > 0, nullptr);
           } else {
             gemm::micro_kernel<T, MR, NV>(kc, a, b, c, mr, NR, k0 > 0, nullptr);
           }
@@ -354,108 +365,10 @@ void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& g
 
 }  // namespace
 
-bool nhwc_pointwise_applies(const Conv2dShape& s, at::ScalarType st) {
-  return use_own_gemm(st) && is_pointwise(s) && s.groups == 1;
-}
-
-bool nhwc_gather_applies(const Conv2dShape& s, at::ScalarType st) {
+bool nhwc_applies(const Conv2dShape& s, at::ScalarType st) {
   // a tap's slice of the reduction is the channel count: below 16 the micro-kernel's tile
   // loads and stores would cost as much as its multiply-adds
   return use_own_gemm(st) && s.groups == 1 && s.in_channels >= 16 && s.out_channels >= 16;
-}
-
-namespace {
-// c[M, N] = a[M, K] @ b[K, N] (+ bias per column), all contiguous row-major, the M rows split
-// between the threads in whole panels: the channels_last 1x1 forward (x @ W^T) and grad_input
-// (go @ W).
-void rows_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
-                  at::Tensor& c, int64_t M, int64_t N, int64_t K) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
-  FASTCONV_DISPATCH_OWN_GEMM(a.scalar_type(), [&] {
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    const scalar_t* bias_p = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* cp = c.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, div_up(M, gemm::kMR), parallel_grain(gemm::kMR * N * K),
-                     [&](int64_t p0, int64_t p1) {
-                       const int64_t m0 = p0 * gemm::kMR, m1 = std::min(M, p1 * gemm::kMR);
-                       gemm::gemm_rows<scalar_t>(m1 - m0, N, K, ap + m0 * K, K, bp, N,
-                                                 cp + m0 * N, N, bias_p);
-                     });
-  })
-#else
-  (void)a, (void)b, (void)bias, (void)c, (void)M, (void)N, (void)K;
-  TORCH_INTERNAL_ASSERT(false, "the channels_last 1x1 GEMM needs the AVX-512 build");
-#endif
-}
-}  // namespace
-
-void nhwc_pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            at::Tensor& out, const Conv2dShape& s) {
-  const int64_t O = s.out_channels, C = s.in_channels;
-  const at::Tensor wt = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nhwc_pointwise_forward", [&] {
-    return weight_by_tap<scalar_t>(weight, true);  // W^T [C][O]
-  });
-  rows_product(x, wt, bias, out,
-               s.batch * s.out_h * s.out_w, O, C);
-}
-
-void nhwc_pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                               at::Tensor& grad_input, const Conv2dShape& s) {
-  const int64_t O = s.out_channels, C = s.in_channels;
-  rows_product(grad_output, weight.reshape({O, C}).contiguous(), at::Tensor(), grad_input,
-               s.batch * s.in_h * s.in_w, C, O);
-}
-
-// gw [O, C] = go^T [O, P] @ x [P, C], or its transpose x^T @ go when there are more output than
-// input channels: the smaller of the two (pixels x channels) matrices is packed transposed
-// (kMR channels per pixel, read in address order) and the other read in place. The threads
-// split the product's columns, or its rows when there are few columns; either way each element
-// sums all pixels in the same order: the same bits for any thread count.
-void nhwc_pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                at::Tensor& grad_weight, const Conv2dShape& s) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
-  const int64_t P = s.batch * s.out_h * s.out_w, C = s.in_channels, O = s.out_channels;
-  const bool swap = O > C;
-  const int64_t M = swap ? C : O, N = swap ? O : C;
-  FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
-    using T = scalar_t;
-    const T* a = swap ? input.const_data_ptr<T>() : grad_output.const_data_ptr<T>();
-    const T* b = swap ? grad_output.const_data_ptr<T>() : input.const_data_ptr<T>();
-    at::Tensor result = swap ? at::empty({M, N}, grad_weight.options()) : grad_weight;
-    T* r = result.mutable_data_ptr<T>();
-    const int64_t panels = div_up(M, gemm::kMR);
-    at::Tensor packed = at::empty({gemm::packed_a_size(M, P)}, grad_output.options());
-    T* ap = packed.mutable_data_ptr<T>();
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      gemm::pack_a_panels(a, int64_t(1), M, M, P, ap, p0, p1);
-    });
-    // rows [m0, m1) x columns [n0, n1) of the product, summed over all pixels
-    constexpr int64_t NR = gemm::nr<T>();
-    auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      auto get_b = [&](int64_t k0, int64_t, int64_t j0, int64_t) {
-        return gemm::BBlock<T>{b + k0 * N + n0 + j0, N, NR};
-      };
-      gemm::gemm<T>(m1 - m0, n1 - n0, P, ap + m0 * P, get_b, r + m0 * N + n0, N, false,
-                    nullptr);
-    };
-    const int64_t col_panels = div_up(N, NR);
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    if (col_panels >= 2 * threads || panels < 2) {
-      at::parallel_for(0, col_panels, 1, [&](int64_t q0, int64_t q1) {
-        block(0, M, q0 * NR, std::min(N, q1 * NR));
-      });
-    } else {
-      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        block(p0 * gemm::kMR, std::min(M, p1 * gemm::kMR), 0, N);
-      });
-    }
-    if (swap) grad_weight.view({O, C}).copy_(result.t());
-  })
-#else
-  (void)grad_output, (void)input, (void)grad_weight, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "nhwc_pointwise_grad_weight needs the AVX-512 GEMM");
-#endif
 }
 
 void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
