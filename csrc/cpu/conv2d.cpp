@@ -31,10 +31,11 @@ void finish(at::Tensor& result, const at::Tensor& nchw) {
 
 // Whether an im2col call whose activations are laid out like `t` runs on the channels_last
 // tensors themselves (conv2d_nhwc.cpp): t channels_last (and not also NCHW-contiguous), a shape
-// and dtype the gathered GEMM takes. Otherwise it runs on NCHW copies.
-bool channels_last_gemm(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t) {
+// and dtype the gathered GEMM takes, whose result has n channels. Otherwise it runs on NCHW
+// copies.
+bool channels_last_gemm(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t, int64_t n) {
   return a == ConvAlgo::kIm2col && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         !t.is_contiguous() && conv2d_cpu::nhwc_applies(s, t.scalar_type());
+         !t.is_contiguous() && conv2d_cpu::nhwc_applies(s, t.scalar_type(), n);
 }
 
 }  // namespace
@@ -53,7 +54,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                              conv_memory_format(input, weight));
   advise_huge_pages(out);
   if (out.numel() == 0) return out;
-  if (channels_last_gemm(a, s, out)) {
+  if (channels_last_gemm(a, s, out, s.out_channels)) {
     conv2d_cpu::nhwc_forward(input.contiguous(at::MemoryFormat::ChannelsLast), weight,
                              defined_or_empty(bias), out, s);
     return out;
@@ -88,7 +89,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
                             conv_memory_format(grad_output, weight));
   advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
-  if (channels_last_gemm(a, s, gi)) {
+  if (channels_last_gemm(a, s, gi, s.in_channels)) {
     conv2d_cpu::nhwc_grad_input(grad_output.contiguous(at::MemoryFormat::ChannelsLast), weight,
                                 gi, s);
     return gi;
@@ -120,7 +121,7 @@ at::Tensor conv2d_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   }
   if (s.batch == 0) return at::zeros(weight_size, grad_output.options());
   at::Tensor gw = at::empty(weight_size, grad_output.options());
-  if (channels_last_gemm(a, s, grad_output)) {
+  if (channels_last_gemm(a, s, grad_output, s.in_channels)) {
     conv2d_cpu::nhwc_grad_weight(grad_output, input.contiguous(at::MemoryFormat::ChannelsLast),
                                  gw, s);
     return gw;

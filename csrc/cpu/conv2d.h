@@ -25,11 +25,12 @@ void im2col_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
 // float32 / float64 where the build has the own AVX-512 GEMM (conv2d_gemm.h).
 bool use_own_gemm(at::ScalarType st);
 
-// channels_last convolutions without NCHW copies (conv2d_nhwc.cpp): one group, at least 16
-// input and output channels, float32 / float64 with the own GEMM. x, grad_output and the
-// results channels_last contiguous, grad_weight contiguous. A sum over the taps of products of
-// (pixels x channels) matrices with the weight, the activations' rows gathered in place.
-bool nhwc_applies(const Conv2dShape& s, at::ScalarType st);
+// channels_last convolutions without NCHW copies (conv2d_nhwc.cpp): one group, float32 /
+// float64 with the own GEMM, at least 16 channels in the result (n: out_channels for the
+// forward, in_channels for the gradients). x, grad_output and the results channels_last
+// contiguous, grad_weight contiguous. A sum over the taps of products of (pixels x channels)
+// matrices with the weight, the activations' rows gathered in place.
+bool nhwc_applies(const Conv2dShape& s, at::ScalarType st, int64_t n);
 void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& out, const Conv2dShape& s);
 void nhwc_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,

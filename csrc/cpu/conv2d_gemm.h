@@ -105,11 +105,8 @@ constexpr int kMR = 8;
 constexpr int kNV = 3;
 template <typename T, int NV = kNV>
 constexpr int nr() { return NV * Simd<T>::kLanes; }
-// The other tile the micro-kernel is built for, 6 rows x 4 vectors (24 accumulators too): for
-// the channels_last kernels, whose N is a channel count; 64 float32 columns fit it exactly
-// where the 8 x 48 tile wastes a third.
-constexpr int kMR6 = 6;
-constexpr int kNV4 = 4;
+// The channels_last kernels (conv2d_nhwc.cpp), whose N is a channel count, also instantiate
+// the micro-kernel with 6 x 4 and 8 x 2 vector tiles.
 // Rows of B (K) per block: the A micro-panel (KC * MR elements, 8 KiB) stays in L1.
 constexpr int64_t kKC = 256;
 

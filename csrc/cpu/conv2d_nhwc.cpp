@@ -99,14 +99,42 @@ struct Gather {
   std::vector<int64_t> ymap;    // [y * kh + i]: the source row of destination row y's tap i, or -1
   std::vector<int64_t> xmap;    // [x * kw + j]: likewise for columns
   std::vector<int64_t> xorder;  // the destination columns of a row, in the order they are visited
+  bool dense_taps = true;       // most taps of most pixels exist (not a strided grad_input)
 };
 
-// Whether the 6 x 4-vector tile pads n columns less than the 8 x 3-vector one (the two do the
-// same multiply-adds per broadcast): 64 float32 columns take one 64-wide panel, not 48 + 48.
+// Channel counts (the reduction's slice per tap) up to which gather_task copies a panel's taps
+// side by side. 64: 3x3 32->64 112x112 forward 10.3-10.4 ms against 11.0-11.5 tap by tap.
+constexpr int64_t kPackedTapsMax = 64;
+
+// The micro-kernel tile for a GEMM of n columns (a channel count): the one that pads n least
+// among 8 x 3, 6 x 4 and 8 x 2 vectors (48, 64 and 32 float32 columns; the first two do 24
+// multiply-adds per 8 or 6 broadcasts, the last 16 per 8), preferring them in that order.
+// 64 columns fit 6 x 4 exactly where 8 x 3 wastes a third, 24 take 8 x 2 at 75 % against 50 %.
+enum class Tile { k8x3, k6x4, k8x2 };
 template <typename T>
-bool wide_tile(int64_t n) {
-  constexpr int64_t w3 = gemm::nr<T, gemm::kNV>(), w4 = gemm::nr<T, gemm::kNV4>();
-  return div_up(n, w4) * w4 < div_up(n, w3) * w3;
+Tile pick_tile(int64_t n) {
+  const int64_t w[3] = {gemm::nr<T, 3>(), gemm::nr<T, 4>(), gemm::nr<T, 2>()};
+  int best = 0;
+  for (int t = 1; t < 3; ++t) {
+    if (div_up(n, w[t]) * w[t] < div_up(n, w[best]) * w[best]) best = t;
+  }
+  return static_cast<Tile>(best);
+}
+
+// dst[0:len] = src[0:len] (or zeros, src null) for the short rows of a packed panel, in whole
+// vectors: the source's tail read masked (never past its end), dst written up to len rounded
+// up to a vector (the caller's rows have that slack; a later copy overwrites it). memmove's
+// call and dispatch, or masked stores (whose lines the micro-kernel then reads), cost more.
+template <typename T>
+void copy_short(T* dst, const T* src, int64_t len) {
+  using S = gemm::Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  int64_t e = 0;
+  for (; e + L <= len; e += L) S::store(dst + e, src != nullptr ? S::load(src + e) : S::zero());
+  if (e < len) {
+    const auto m = gemm::lane_mask<T>(0, len - e);
+    S::store(dst + e, src != nullptr ? S::load(src + e, m) : S::zero());
+  }
 }
 
 // Destination pixels [m0, m1) in visiting order (n, y, xorder[i]), in panels of MR, the
@@ -128,11 +156,71 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
   std::vector<char> started(np);
   alignas(64) T zeros[kKC] = {};
   alignas(64) T edge[kKC * NR];
+  // Few channels (a stem's 3): a tap's slice of the reduction would be a few multiply-adds per
+  // micro-kernel call. Then a panel's rows for all taps are copied side by side ([MR][taps *
+  // K], zero in the padding: an im2col of MR pixels, in L1) and reduced in one pass, B being
+  // the whole tap-major weight. Not for a strided grad_input, whose panels skip most taps.
+  const bool packed = g.K <= kPackedTapsMax && g.kh * g.kw > 1 && g.dense_taps;
+  const int64_t Kt = g.kh * g.kw * g.K;
+  constexpr int64_t L = gemm::Simd<T>::kLanes;
+  const int64_t ldp = div_up(Kt, L) * L + L;  // copy_short's slack
+  std::vector<T> panel(packed ? MR * ldp : 0);
+  std::vector<T> edges(packed && g.N % NR != 0 ? Kt * NR : 0);
   for (int64_t n0 = 0; n0 < g.N; n0 += NC) {
     const int64_t ncols = std::min(NC, g.N - n0);
     const int64_t full = ncols / NR, tail = ncols % NR;
     std::fill(started.begin(), started.end(), 0);
-    for (int64_t i = 0; i < g.kh; ++i) {
+    if (packed) {
+      if (tail != 0) gemm::edge_panel<T, NR>(gemm::RowsB<T>{g.B + n0 + full * NR, g.N}, Kt, tail,
+                                             edges.data());
+      for (int64_t p = 0; p < np; ++p) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, rows - p * MR));
+        gemm::PtrA<T, MR> a;
+        for (int r = 0; r < MR; ++r) {
+          T* row = panel.data() + r * ldp;
+          a.p[r] = row;
+          if (r >= mr) {
+            copy_short<T>(row, nullptr, Kt);
+            continue;
+          }
+          const int64_t at = p * MR + r;
+          const int64_t* xm = g.xmap.data() + px[at] * g.kw;
+          // the row's taps read adjacent pixels (stride-1 taps, all inside): one copy
+          const bool span = xm[0] >= 0 && xm[g.kw - 1] == xm[0] + g.kw - 1;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            T* dst = row + i * g.kw * g.K;
+            const int64_t sy = g.ymap[py[at] * g.kh + i];
+            const T* src = sy < 0 ? nullptr : g.src + (pn[at] * g.SH + sy) * g.SW * g.K;
+            if (src == nullptr) {
+              copy_short<T>(dst, nullptr, g.kw * g.K);
+            } else if (span) {
+              copy_short(dst, src + xm[0] * g.K, g.kw * g.K);
+            } else {
+              for (int64_t j = 0; j < g.kw; ++j, dst += g.K) {
+                copy_short(dst, xm[j] < 0 ? nullptr : src + xm[j] * g.K, g.K);
+              }
+            }
+          }
+        }
+        started[p] = 1;
+        T* const* cr = crow.data() + p * MR;
+        for (int64_t k0 = 0; k0 < Kt; k0 += kKC) {
+          const int64_t kc = std::min(kKC, Kt - k0);
+          gemm::PtrA<T, MR> ak = a;
+          for (int r = 0; r < MR; ++r) ak.p[r] += k0;
+          for (int64_t q = 0; q < full; ++q) {
+            gemm::micro_kernel<T, MR, NV>(kc, ak, gemm::RowsB<T>{g.B + k0 * g.N + n0 + q * NR, g.N},
+                                          gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, k0 > 0, nullptr);
+          }
+          if (tail != 0) {
+            gemm::micro_kernel<T, MR, NV>(kc, ak, gemm::RowsB<T>{edges.data() + k0 * NR, NR},
+                                          gemm::PtrC<T>{cr, n0 + full * NR}, mr,
+                                          static_cast<int>(tail), k0 > 0, nullptr);
+          }
+        }
+      }
+    }
+    for (int64_t i = 0; i < g.kh && !packed; ++i) {
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t tap = i * g.kw + j;
         for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
@@ -161,12 +249,12 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
             T* const* cr = crow.data() + p * MR;
             for (int64_t q = 0; q < full; ++q) {
               gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{bk + q * NR, g.N},
-                                    gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, acc, nullptr);
+                                            gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, acc, nullptr);
             }
             if (tail != 0) {
               gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{tail_b, NR},
-                                    gemm::PtrC<T>{cr, n0 + full * NR}, mr,
-                                    static_cast<int>(tail), acc, nullptr);
+                                            gemm::PtrC<T>{cr, n0 + full * NR}, mr,
+                                            static_cast<int>(tail), acc, nullptr);
             }
           }
         }
@@ -207,10 +295,10 @@ void gather_conv_tiled(const Gather<T>& g) {
 
 template <typename T>
 void gather_conv(const Gather<T>& g) {
-  if (wide_tile<T>(g.N)) {
-    gather_conv_tiled<T, gemm::kMR6, gemm::kNV4>(g);
-  } else {
-    gather_conv_tiled<T, gemm::kMR, gemm::kNV>(g);
+  switch (pick_tile<T>(g.N)) {
+    case Tile::k8x3: return gather_conv_tiled<T, 8, 3>(g);
+    case Tile::k6x4: return gather_conv_tiled<T, 6, 4>(g);
+    case Tile::k8x2: return gather_conv_tiled<T, 8, 2>(g);
   }
 }
 
@@ -266,6 +354,7 @@ void grad_input_gather(const at::Tensor& go, const at::Tensor& weight, at::Tenso
   };
   g.ymap = tap_map(s.in_h, s.kernel_h, s.out_h, s.stride_h, s.dil_h, s.pad_h);
   g.xmap = tap_map(s.in_w, s.kernel_w, s.out_w, s.stride_w, s.dil_w, s.pad_w);
+  g.dense_taps = s.stride_h == 1 && s.stride_w == 1;
   for (int64_t phase = 0; phase < s.stride_w; ++phase) {
     for (int64_t x0 = phase; x0 < s.in_w; x0 += s.stride_w) g.xorder.push_back(x0);
   }
@@ -354,10 +443,10 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
 template <typename T>
 void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
                         const Conv2dShape& s) {
-  if (wide_tile<T>(s.in_channels)) {
-    grad_weight_gather_tiled<T, gemm::kMR6, gemm::kNV4>(go, x, gw, s);
-  } else {
-    grad_weight_gather_tiled<T, gemm::kMR, gemm::kNV>(go, x, gw, s);
+  switch (pick_tile<T>(s.in_channels)) {
+    case Tile::k8x3: return grad_weight_gather_tiled<T, 8, 3>(go, x, gw, s);
+    case Tile::k6x4: return grad_weight_gather_tiled<T, 6, 4>(go, x, gw, s);
+    case Tile::k8x2: return grad_weight_gather_tiled<T, 8, 2>(go, x, gw, s);
   }
 }
 
@@ -365,10 +454,10 @@ void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& g
 
 }  // namespace
 
-bool nhwc_applies(const Conv2dShape& s, at::ScalarType st) {
-  // a tap's slice of the reduction is the channel count: below 16 the micro-kernel's tile
-  // loads and stores would cost as much as its multiply-adds
-  return use_own_gemm(st) && s.groups == 1 && s.in_channels >= 16 && s.out_channels >= 16;
+bool nhwc_applies(const Conv2dShape& s, at::ScalarType st, int64_t n) {
+  // n, the GEMM's columns (out_channels forward, in_channels for the gradients): below 16 most
+  // of the micro-kernel's 48 or 64 columns would be padding
+  return use_own_gemm(st) && s.groups == 1 && n >= 16;
 }
 
 void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
