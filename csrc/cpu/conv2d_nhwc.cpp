@@ -173,6 +173,20 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
   for (int64_t n0 = 0; n0 < g.N; n0 += NC) {
     const int64_t ncols = std::min(NC, g.N - n0);
     const int64_t full = ncols / NR, tail = ncols % NR;
+    // columns [n0, n0 + ncols) of the rows cr (+)= the A panel @ B's rows b (g.N apart, from
+    // column n0), the partial last NR columns from tail_b (NR apart)
+    auto multiply = [&](int64_t kc, const gemm::PtrA<T, MR>& a, const T* b, const T* tail_b,
+                        T* const* cr, int mr, bool acc) {
+      for (int64_t q = 0; q < full; ++q) {
+        gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{b + q * NR, g.N},
+                                      gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, acc, nullptr);
+      }
+      if (tail != 0) {
+        gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{tail_b, NR},
+                                      gemm::PtrC<T>{cr, n0 + full * NR}, mr,
+                                      static_cast<int>(tail), acc, nullptr);
+      }
+    };
     std::fill(started.begin(), started.end(), 0);
     if (packed) {
       if (tail != 0) gemm::edge_panel<T, NR>(gemm::RowsB<T>{g.B + n0 + full * NR, g.N}, Kt, tail,
@@ -212,19 +226,12 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
           const int64_t kc = std::min(kKC, Kt - k0);
           gemm::PtrA<T, MR> ak = a;
           for (int r = 0; r < MR; ++r) ak.p[r] += k0;
-          for (int64_t q = 0; q < full; ++q) {
-            gemm::micro_kernel<T, MR, NV>(kc, ak, gemm::RowsB<T>{g.B + k0 * g.N + n0 + q * NR, g.N},
-                                          gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, k0 > 0, nullptr);
-          }
-          if (tail != 0) {
-            gemm::micro_kernel<T, MR, NV>(kc, ak, gemm::RowsB<T>{edges.data() + k0 * NR, NR},
-                                          gemm::PtrC<T>{cr, n0 + full * NR}, mr,
-                                          static_cast<int>(tail), k0 > 0, nullptr);
-          }
+          const T* tail_b = tail != 0 ? edges.data() + k0 * NR : nullptr;
+          multiply(kc, ak, g.B + k0 * g.N + n0, tail_b, cr, mr, k0 > 0);
         }
       }
     }
-    for (int64_t i = 0; i < g.kh && !packed; ++i) {
+    for (int64_t i = 0; i < g.kh && !packed; ++i) {  // tap by tap
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t tap = i * g.kw + j;
         for (int64_t k0 = 0; k0 < g.K; k0 += kKC) {
@@ -263,18 +270,8 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
               }
             }
             if (!any) continue;
-            const bool acc = started[p] != 0;
+            multiply(kc, a, bk, tail_b, crow.data() + p * MR, mr, started[p] != 0);
             started[p] = 1;
-            T* const* cr = crow.data() + p * MR;
-            for (int64_t q = 0; q < full; ++q) {
-              gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{bk + q * NR, g.N},
-                                            gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, acc, nullptr);
-            }
-            if (tail != 0) {
-              gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{tail_b, NR},
-                                            gemm::PtrC<T>{cr, n0 + full * NR}, mr,
-                                            static_cast<int>(tail), acc, nullptr);
-            }
           }
         }
       }
@@ -479,40 +476,39 @@ bool nhwc_applies(const Conv2dShape& s, at::ScalarType st, int64_t n) {
   return use_own_gemm(st) && s.groups == 1 && n >= 16;
 }
 
+#ifdef FASTCONV_HAVE_AVX512_GEMM
 void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& out, const Conv2dShape& s) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
   FASTCONV_DISPATCH_OWN_GEMM(x.scalar_type(),
                              [&] { forward_gather<scalar_t>(x, weight, bias, out, s); })
-#else
-  (void)x, (void)weight, (void)bias, (void)out, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
-#endif
 }
 
 void nhwc_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Conv2dShape& s) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
   FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
     grad_input_gather<scalar_t>(grad_output, weight, grad_input, s);
   })
-#else
-  (void)grad_output, (void)weight, (void)grad_input, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
-#endif
 }
 
 void nhwc_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Conv2dShape& s) {
-#ifdef FASTCONV_HAVE_AVX512_GEMM
   FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
     grad_weight_gather<scalar_t>(grad_output, input, grad_weight, s);
   })
-#else
-  (void)grad_output, (void)input, (void)grad_weight, (void)s;
-  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
-#endif
 }
+#else
+// Without the own GEMM nhwc_applies is false and these are never called.
+void nhwc_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                  const Conv2dShape&) {
+  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
+}
+void nhwc_grad_input(const at::Tensor&, const at::Tensor&, at::Tensor&, const Conv2dShape&) {
+  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
+}
+void nhwc_grad_weight(const at::Tensor&, const at::Tensor&, at::Tensor&, const Conv2dShape&) {
+  TORCH_INTERNAL_ASSERT(false, "the channels_last conv2d GEMM needs the AVX-512 build");
+}
+#endif
 
 }  // namespace conv2d_cpu
 }  // namespace fastconv
