@@ -318,6 +318,25 @@ void gather_conv(const Gather<T>& g) {
   }
 }
 
+// Gather's ymap / xmap along one axis: [y * taps + i] = the source index of destination y's
+// tap i, or -1. Forward: input y * stride + i * dil - pad. Backward (grad_input, y an input
+// index): output (y + pad - i * dil) / stride where that is exact.
+std::vector<int64_t> tap_map(bool backward, int64_t dst, int64_t taps, int64_t src,
+                             int64_t stride, int64_t dil, int64_t pad) {
+  std::vector<int64_t> m(dst * taps);
+  for (int64_t y = 0; y < dst; ++y) {
+    for (int64_t i = 0; i < taps; ++i) {
+      int64_t v = y * stride + i * dil - pad;
+      if (backward) {
+        const int64_t num = y + pad - i * dil;
+        v = (num >= 0 && num % stride == 0) ? num / stride : -1;
+      }
+      m[y * taps + i] = (v >= 0 && v < src) ? v : -1;
+    }
+  }
+  return m;
+}
+
 template <typename T>
 void forward_gather(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                     at::Tensor& out, const Conv2dShape& s) {
@@ -328,19 +347,8 @@ void forward_gather(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   g.B = B.const_data_ptr<T>();
   g.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   g.batch = s.batch, g.kh = s.kernel_h, g.kw = s.kernel_w;
-  auto tap_map = [](int64_t dst, int64_t taps, int64_t src, int64_t stride, int64_t dil,
-                    int64_t pad) {
-    std::vector<int64_t> m(dst * taps);
-    for (int64_t y = 0; y < dst; ++y) {
-      for (int64_t i = 0; i < taps; ++i) {
-        const int64_t sy = y * stride + i * dil - pad;
-        m[y * taps + i] = (sy >= 0 && sy < src) ? sy : -1;
-      }
-    }
-    return m;
-  };
-  g.ymap = tap_map(s.out_h, s.kernel_h, s.in_h, s.stride_h, s.dil_h, s.pad_h);
-  g.xmap = tap_map(s.out_w, s.kernel_w, s.in_w, s.stride_w, s.dil_w, s.pad_w);
+  g.ymap = tap_map(false, s.out_h, s.kernel_h, s.in_h, s.stride_h, s.dil_h, s.pad_h);
+  g.xmap = tap_map(false, s.out_w, s.kernel_w, s.in_w, s.stride_w, s.dil_w, s.pad_w);
   g.xorder.resize(s.out_w);
   for (int64_t x0 = 0; x0 < s.out_w; ++x0) g.xorder[x0] = x0;
   gather_conv(g);
@@ -355,21 +363,8 @@ void grad_input_gather(const at::Tensor& go, const at::Tensor& weight, at::Tenso
   g.dst = gi.mutable_data_ptr<T>(), g.DH = s.in_h, g.DW = s.in_w, g.N = s.in_channels;
   g.B = B.const_data_ptr<T>();
   g.batch = s.batch, g.kh = s.kernel_h, g.kw = s.kernel_w;
-  // input row y's tap i comes from output row (y + pad - i * dil) / stride when that is exact
-  auto tap_map = [](int64_t dst, int64_t taps, int64_t src, int64_t stride, int64_t dil,
-                    int64_t pad) {
-    std::vector<int64_t> m(dst * taps);
-    for (int64_t y = 0; y < dst; ++y) {
-      for (int64_t i = 0; i < taps; ++i) {
-        const int64_t num = y + pad - i * dil;
-        const bool ok = num >= 0 && num % stride == 0 && num / stride < src;
-        m[y * taps + i] = ok ? num / stride : -1;
-      }
-    }
-    return m;
-  };
-  g.ymap = tap_map(s.in_h, s.kernel_h, s.out_h, s.stride_h, s.dil_h, s.pad_h);
-  g.xmap = tap_map(s.in_w, s.kernel_w, s.out_w, s.stride_w, s.dil_w, s.pad_w);
+  g.ymap = tap_map(true, s.in_h, s.kernel_h, s.out_h, s.stride_h, s.dil_h, s.pad_h);
+  g.xmap = tap_map(true, s.in_w, s.kernel_w, s.out_w, s.stride_w, s.dil_w, s.pad_w);
   g.dense_taps = s.stride_h == 1 && s.stride_w == 1;
   for (int64_t phase = 0; phase < s.stride_w; ++phase) {
     for (int64_t x0 = phase; x0 < s.in_w; x0 += s.stride_w) g.xorder.push_back(x0);
