@@ -121,7 +121,8 @@ at::Tensor conv2d_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   }
   if (s.batch == 0) return at::zeros(weight_size, grad_output.options());
   at::Tensor gw = at::empty(weight_size, grad_output.options());
-  if (channels_last_gemm(a, s, grad_output, s.in_channels)) {
+  // with few input channels the GEMM's columns are the output channels (its transpose)
+  if (channels_last_gemm(a, s, grad_output, std::max(s.in_channels, s.out_channels))) {
     conv2d_cpu::nhwc_grad_weight(grad_output, input.contiguous(at::MemoryFormat::ChannelsLast),
                                  gw, s);
     return gw;

@@ -102,6 +102,10 @@ struct Gather {
   bool dense_taps = true;       // most taps of most pixels exist (not a strided grad_input)
 };
 
+// The fewest columns (channels) a GEMM here takes: below 16 most of the micro-kernel's 32-64
+// columns would be padding (nhwc_applies; grad_weight then takes its transposed product).
+constexpr int64_t kMinColumns = 16;
+
 // Channel counts (the reduction's slice per tap) up to which gather_task copies a panel's taps
 // side by side. 64: 3x3 32->64 112x112 forward 10.3-10.4 ms against 11.0-11.5 tap by tap.
 constexpr int64_t kPackedTapsMax = 64;
@@ -138,6 +142,29 @@ void copy_short(T* dst, const T* src, int64_t len) {
   if (e < len) {
     const auto m = gemm::lane_mask<T>(0, len - e);
     S::store(dst + e, src != nullptr ? S::load(src + e, m) : S::zero());
+  }
+}
+
+// row[0 : taps * K] = the source rows of destination pixel (n, y, x) for every tap, side by
+// side, zero in the padding: one row of an im2col. row needs copy_short's slack after it.
+template <typename T>
+void im2col_row(const Gather<T>& g, int64_t n, int64_t y, int64_t x, T* row) {
+  const int64_t* xm = g.xmap.data() + x * g.kw;
+  // the row's taps read adjacent pixels (stride-1 taps, all inside): one copy
+  const bool span = xm[0] >= 0 && xm[g.kw - 1] == xm[0] + g.kw - 1;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    T* dst = row + i * g.kw * g.K;
+    const int64_t sy = g.ymap[y * g.kh + i];
+    const T* src = sy < 0 ? nullptr : g.src + (n * g.SH + sy) * g.SW * g.K;
+    if (src == nullptr) {
+      copy_short<T>(dst, nullptr, g.kw * g.K);
+    } else if (span) {
+      copy_short(dst, src + xm[0] * g.K, g.kw * g.K);
+    } else {
+      for (int64_t j = 0; j < g.kw; ++j, dst += g.K) {
+        copy_short(dst, xm[j] < 0 ? nullptr : src + xm[j] * g.K, g.K);
+      }
+    }
   }
 }
 
@@ -202,23 +229,7 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
             continue;
           }
           const int64_t at = p * MR + r;
-          const int64_t* xm = g.xmap.data() + px[at] * g.kw;
-          // the row's taps read adjacent pixels (stride-1 taps, all inside): one copy
-          const bool span = xm[0] >= 0 && xm[g.kw - 1] == xm[0] + g.kw - 1;
-          for (int64_t i = 0; i < g.kh; ++i) {
-            T* dst = row + i * g.kw * g.K;
-            const int64_t sy = g.ymap[py[at] * g.kh + i];
-            const T* src = sy < 0 ? nullptr : g.src + (pn[at] * g.SH + sy) * g.SW * g.K;
-            if (src == nullptr) {
-              copy_short<T>(dst, nullptr, g.kw * g.K);
-            } else if (span) {
-              copy_short(dst, src + xm[0] * g.K, g.kw * g.K);
-            } else {
-              for (int64_t j = 0; j < g.kw; ++j, dst += g.K) {
-                copy_short(dst, xm[j] < 0 ? nullptr : src + xm[j] * g.K, g.K);
-              }
-            }
-          }
+          im2col_row(g, pn[at], py[at], px[at], row);
         }
         started[p] = 1;
         T* const* cr = crow.data() + p * MR;
@@ -337,20 +348,28 @@ std::vector<int64_t> tap_map(bool backward, int64_t dst, int64_t taps, int64_t s
   return m;
 }
 
+// The forward's geometry: destination = output pixels, source = x's rows.
 template <typename T>
-void forward_gather(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                    at::Tensor& out, const Conv2dShape& s) {
-  const at::Tensor B = weight_by_tap<T>(weight, true);  // [kh * kw][C][O]
+Gather<T> forward_geometry(const at::Tensor& x, const Conv2dShape& s) {
   Gather<T> g;
   g.src = x.const_data_ptr<T>(), g.SH = s.in_h, g.SW = s.in_w, g.K = s.in_channels;
-  g.dst = out.mutable_data_ptr<T>(), g.DH = s.out_h, g.DW = s.out_w, g.N = s.out_channels;
-  g.B = B.const_data_ptr<T>();
-  g.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  g.DH = s.out_h, g.DW = s.out_w;
   g.batch = s.batch, g.kh = s.kernel_h, g.kw = s.kernel_w;
   g.ymap = tap_map(false, s.out_h, s.kernel_h, s.in_h, s.stride_h, s.dil_h, s.pad_h);
   g.xmap = tap_map(false, s.out_w, s.kernel_w, s.in_w, s.stride_w, s.dil_w, s.pad_w);
   g.xorder.resize(s.out_w);
   for (int64_t x0 = 0; x0 < s.out_w; ++x0) g.xorder[x0] = x0;
+  return g;
+}
+
+template <typename T>
+void forward_gather(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                    at::Tensor& out, const Conv2dShape& s) {
+  const at::Tensor B = weight_by_tap<T>(weight, true);  // [kh * kw][C][O]
+  Gather<T> g = forward_geometry<T>(x, s);
+  g.dst = out.mutable_data_ptr<T>(), g.N = s.out_channels;
+  g.B = B.const_data_ptr<T>();
+  g.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   gather_conv(g);
 }
 
@@ -451,9 +470,76 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
                    });
 }
 
+// grad_weight with few input channels (a stem's 3, where the product's N = C would be mostly
+// padding): its transpose, gw^T [(tap, c)][o] = sum_p im2col(x)[p][(tap, c)] * go[p][o], with
+// the im2col rows of a block of pixels built in L2 (taps * C values each) and read as A's
+// columns, go read in place as B. The threads split the rows (taps * C) by panels; each builds
+// the blocks itself (a 1/O share of the multiply-adds). Each element sums all pixels in one
+// order: the same bits for any thread count.
+template <typename T, int MR, int NV>
+void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
+                            const Conv2dShape& s) {
+  using gemm::kKC;
+  constexpr int64_t NR = gemm::nr<T, NV>();
+  constexpr int64_t L = gemm::Simd<T>::kLanes;
+  const Gather<T> g = forward_geometry<T>(x, s);
+  const int64_t O = s.out_channels, C = s.in_channels, taps = s.kernel_h * s.kernel_w;
+  const int64_t Kt = taps * C, ldp = div_up(Kt, L) * L + L;
+  const int64_t plane = s.out_h * s.out_w, P = s.batch * plane;
+  const int64_t full = O / NR, tail = O % NR;
+  at::Tensor result = at::empty({Kt, O}, gw.options());
+  T* R = result.mutable_data_ptr<T>();
+  const T* gop = go.const_data_ptr<T>();
+  at::parallel_for(0, div_up(Kt, MR), 1, [&](int64_t p0, int64_t p1) {
+    std::vector<T> cols(kKC * ldp);
+    std::vector<T> edge(tail != 0 ? kKC * NR : 0);
+    for (int64_t k0 = 0; k0 < P; k0 += kKC) {
+      const int64_t kc = std::min(kKC, P - k0);
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t p = k0 + k;
+        im2col_row(g, p / plane, p % plane / s.out_w, p % s.out_w, cols.data() + k * ldp);
+      }
+      const T* gk = gop + k0 * O;
+      if (tail != 0) {
+        gemm::edge_panel<T, NR>(gemm::RowsB<T>{gk + full * NR, O}, kc, tail, edge.data());
+      }
+      for (int64_t pp = p0; pp < p1; ++pp) {
+        const int64_t r0 = pp * MR;
+        const int mr = static_cast<int>(std::min<int64_t>(MR, Kt - r0));
+        const gemm::ColumnsA<T> a{cols.data() + r0, ldp};  // rows past Kt read the slack
+        for (int64_t q = 0; q < full; ++q) {
+          gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{gk + q * NR, O},
+                                        gemm::RowsC<T>{R + r0 * O + q * NR, O}, mr, NR, k0 > 0,
+                                        nullptr);
+        }
+        if (tail != 0) {
+          gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{edge.data(), NR},
+                                        gemm::RowsC<T>{R + r0 * O + full * NR, O}, mr,
+                                        static_cast<int>(tail), k0 > 0, nullptr);
+        }
+      }
+    }
+  });
+  // gw[o][c][tap] = R[tap * C + c][o]
+  T* out = gw.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / Kt);
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < taps; ++t) out[(o * C + c) * taps + t] = R[(t * C + c) * O + o];
+  });
+}
+
 template <typename T>
 void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
                         const Conv2dShape& s) {
+  if (s.in_channels < kMinColumns) {
+    switch (pick_tile<T>(s.out_channels)) {
+      case Tile::k8x3: return grad_weight_transposed<T, 8, 3>(go, x, gw, s);
+      case Tile::k6x4: return grad_weight_transposed<T, 6, 4>(go, x, gw, s);
+      case Tile::k8x2: return grad_weight_transposed<T, 8, 2>(go, x, gw, s);
+    }
+  }
   switch (pick_tile<T>(s.in_channels)) {
     case Tile::k8x3: return grad_weight_gather_tiled<T, 8, 3>(go, x, gw, s);
     case Tile::k6x4: return grad_weight_gather_tiled<T, 6, 4>(go, x, gw, s);
@@ -466,9 +552,7 @@ void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& g
 }  // namespace
 
 bool nhwc_applies(const Conv2dShape& s, at::ScalarType st, int64_t n) {
-  // n, the GEMM's columns (out_channels forward, in_channels for the gradients): below 16 most
-  // of the micro-kernel's 48 or 64 columns would be padding
-  return use_own_gemm(st) && s.groups == 1 && n >= 16;
+  return use_own_gemm(st) && s.groups == 1 && n >= kMinColumns;
 }
 
 #ifdef FASTCONV_HAVE_AVX512_GEMM
