@@ -148,7 +148,8 @@ void copy_short(T* dst, const T* src, int64_t len) {
 // row[0 : taps * K] = the source rows of destination pixel (n, y, x) for every tap, side by
 // side, zero in the padding: one row of an im2col. row needs copy_short's slack after it.
 template <typename T>
-void im2col_row(const Gather<T>& g, int64_t n, int64_t y, int64_t x, T* row) {
+__attribute__((always_inline)) inline void im2col_row(const Gather<T>& g, int64_t n, int64_t y,
+                                                      int64_t x, T* row) {
   const int64_t* xm = g.xmap.data() + x * g.kw;
   // the row's taps read adjacent pixels (stride-1 taps, all inside): one copy
   const bool span = xm[0] >= 0 && xm[g.kw - 1] == xm[0] + g.kw - 1;
