@@ -52,13 +52,15 @@ at::Tensor weight_by_tap(const at::Tensor& weight, bool out_inner) {
   at::Tensor b = at::empty({taps, out_inner ? C : O, out_inner ? O : C}, w.options());
   const T* src = w.const_data_ptr<T>();
   T* dst = b.mutable_data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (O * taps));
+  // about 64 Ki elements per task: a c-block moves 16 * O * taps, an o row C * taps
+  constexpr int64_t kPerTask = int64_t{1} << 16;
   if (out_inner) {
     // blocks of 16 output x 16 input channels: the block's source rows and the 16 * taps
     // destination lines it fills stay in L1 (a plain walk re-reads each source line per c)
     constexpr int64_t kB = 16;
     const int64_t blocks = div_up(C, kB);
-    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kB), [&](int64_t b0, int64_t b1) {
+    const int64_t grain = std::max<int64_t>(1, kPerTask / (kB * O * taps));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t c0 = b0 * kB; c0 < std::min(C, b1 * kB); c0 += kB) {
         const int64_t c1 = std::min(C, c0 + kB);
         for (int64_t o0 = 0; o0 < O; o0 += kB) {
@@ -74,7 +76,8 @@ at::Tensor weight_by_tap(const at::Tensor& weight, bool out_inner) {
       }
     });
   } else {
-    at::parallel_for(0, O, std::max<int64_t>(1, grain * O / C), [&](int64_t o0, int64_t o1) {
+    const int64_t grain = std::max<int64_t>(1, kPerTask / (C * taps));
+    at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t t = 0; t < taps; ++t) dst[(t * O + o) * C + c] = src[(o * C + c) * taps + t];
