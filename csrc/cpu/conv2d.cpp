@@ -31,8 +31,7 @@ void finish(at::Tensor& result, const at::Tensor& nchw) {
 
 // Whether an im2col call whose activations are laid out like `t` runs on the channels_last
 // tensors themselves (conv2d_nhwc.cpp): t channels_last (and not also NCHW-contiguous), a shape
-// and dtype the gathered GEMM takes, whose result has n channels. Otherwise it runs on NCHW
-// copies.
+// and dtype the gathered GEMM takes, its GEMM n columns wide. Otherwise it runs on NCHW copies.
 bool channels_last_gemm(ConvAlgo a, const Conv2dShape& s, const at::Tensor& t, int64_t n) {
   return a == ConvAlgo::kIm2col && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
          !t.is_contiguous() && conv2d_cpu::nhwc_applies(s, t.scalar_type(), n);
