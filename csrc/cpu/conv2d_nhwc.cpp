@@ -86,6 +86,24 @@ at::Tensor weight_by_tap(const at::Tensor& weight, bool out_inner) {
   return b;
 }
 
+// weight_by_tap's inverse: gw [O][C][taps] from R laid out tap by tap, [taps][C][O]
+// (out_inner) or [taps][O][C]; whole rows of gw per task.
+template <typename T>
+void weight_from_taps(const T* R, bool out_inner, at::Tensor& gw) {
+  const int64_t O = gw.size(0), C = gw.size(1), taps = gw.size(2) * gw.size(3);
+  T* g = gw.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (C * taps));
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t t = 0; t < taps; ++t) {
+          g[(o * C + c) * taps + t] = out_inner ? R[(t * C + c) * O + o] : R[(t * O + o) * C + c];
+        }
+      }
+    }
+  });
+}
+
 #ifdef FASTCONV_HAVE_AVX512_GEMM
 
 // dst[n, y, x, 0:N] = sum over the taps (i, j) whose source pixel exists of
@@ -408,6 +426,7 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
   T* R = result.mutable_data_ptr<T>();
   const T* gop = go.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
+  const Gather<T> geo = forward_geometry<T>(x, s);  // the input pixel each tap reads
   const int64_t col_panels = div_up(C, NR), o_panels = div_up(O, MR);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t units = taps * col_panels;
@@ -432,10 +451,10 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
         if (tap != built) {
           const int64_t i = tap / s.kernel_w, j = tap % s.kernel_w;
           for (int64_t k = 0; k < kc; ++k) {
-            const int64_t iy = py[k] * s.stride_h + i * s.dil_h - s.pad_h;
-            const int64_t ix = px[k] * s.stride_w + j * s.dil_w - s.pad_w;
-            const bool in = iy >= 0 && iy < s.in_h && ix >= 0 && ix < s.in_w;
-            brows[k] = in ? xp + ((pn[k] * s.in_h + iy) * s.in_w + ix) * C : zeros.data();
+            const int64_t iy = geo.ymap[py[k] * s.kernel_h + i];
+            const int64_t ix = geo.xmap[px[k] * s.kernel_w + j];
+            brows[k] = iy >= 0 && ix >= 0 ? xp + ((pn[k] * s.in_h + iy) * s.in_w + ix) * C
+                                          : zeros.data();
           }
           built = tap;
         }
@@ -463,15 +482,7 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
       }
     }
   });
-  // gw[o][c][tap] = R[tap][o][c], whole rows of gw per thread
-  T* g = gw.mutable_data_ptr<T>();
-  at::parallel_for(0, O, std::max<int64_t>(1, (int64_t{1} << 16) / (C * taps)),
-                   [&](int64_t o0, int64_t o1) {
-                     for (int64_t o = o0; o < o1; ++o)
-                       for (int64_t c = 0; c < C; ++c)
-                         for (int64_t t = 0; t < taps; ++t)
-                           g[(o * C + c) * taps + t] = R[(t * O + o) * C + c];
-                   });
+  weight_from_taps(R, false, gw);  // R is [taps][O][C]
 }
 
 // grad_weight with few input channels (a stem's 3, where the product's N = C would be mostly
@@ -524,14 +535,7 @@ void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tenso
       }
     }
   });
-  // gw[o][c][tap] = R[tap * C + c][o]
-  T* out = gw.mutable_data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / Kt);
-  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t t = 0; t < taps; ++t) out[(o * C + c) * taps + t] = R[(t * C + c) * O + o];
-  });
+  weight_from_taps(R, true, gw);  // R is [taps][C][O]
 }
 
 template <typename T>
