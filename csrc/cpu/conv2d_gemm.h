@@ -114,9 +114,9 @@ inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR 
 
 // How the micro-kernel reads its operands: A(r, k) is element (r, k) of the MR-row A panel,
 // B(k) points at row k of the B panel (NR values), C(r) at row r of the C tile. The A panel
-// comes packed ([k][kMR]), as columns of a row-major matrix
-// (k-th row of MR values lda apart), or as MR row pointers (the rows of an implicit im2col,
-// a zero row where a tap reads padding); B as rows ldb apart or as one pointer per row.
+// comes packed ([k][kMR]), as columns of a row-major matrix (its k-th row holds the panel's MR
+// values, rows lda apart), or as MR row pointers (the rows of an implicit im2col, a zero row
+// where a tap reads padding); B and C as rows ld apart or as one pointer per row.
 template <typename T>
 struct PackedA {
   const T* a;
