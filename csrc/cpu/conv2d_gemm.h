@@ -186,7 +186,12 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, AOp a, BOp b, COp c, int
       for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < mr; ++r) {
+  // r runs to the constant MR (and breaks at mr) so that the loops unroll and every acc[r][v]
+  // is a register: with a bound known only at run time GCC keeps acc on the stack, which costs
+  // 72 vector stores and loads per call, a sixth of a 24-deep reduction's time.
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= mr) break;
     T* crow = c(r);
     const V seed = (!accumulate && bias != nullptr) ? S::set1(bias[r]) : S::zero();
 #pragma GCC unroll 4

@@ -41,6 +41,17 @@ namespace {
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Fetch p's line in a writable state (PREFETCHW). An asm statement: GCC treats
+// __builtin_prefetch as free of side effects, so a helper whose only work is prefetching is
+// deemed pure and its calls deleted.
+inline void prefetch_for_write(const void* p) {
+#if defined(__PRFCHW__)
+  __asm__ volatile("prefetchw %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#endif
+}
+
 // The weight [O][C][taps] rearranged tap by tap: [taps][C][O] (out_inner, the forward's B) or
 // [taps][O][C] (grad_input's B). A parallel loop writing whole rows: ATen's copy of the
 // permuted view walks it element by element on one thread (a fifth of a 512-channel layer's
@@ -200,11 +211,19 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
   const int64_t rows = m1 - m0, np = div_up(rows, MR);
   std::vector<int64_t> pn(rows), py(rows), px(rows);
   std::vector<T*> crow(np * MR, nullptr);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t n = m / (g.DH * g.DW), rem = m % (g.DH * g.DW);
-    const int64_t y = rem / g.DW, x = g.xorder[rem % g.DW];
-    pn[m - m0] = n, py[m - m0] = y, px[m - m0] = x;
-    crow[m - m0] = g.dst + ((n * g.DH + y) * g.DW + x) * g.N;
+  {
+    // (n, y, column index) of pixel m0, then counted up: a division per pixel costs as much
+    // as a small reduction's multiply-adds
+    int64_t n = m0 / (g.DH * g.DW), y = m0 % (g.DH * g.DW) / g.DW, i = m0 % g.DW;
+    for (int64_t m = 0; m < rows; ++m) {
+      const int64_t x = g.xorder[i];
+      pn[m] = n, py[m] = y, px[m] = x;
+      crow[m] = g.dst + ((n * g.DH + y) * g.DW + x) * g.N;
+      if (++i == g.DW) {
+        i = 0;
+        if (++y == g.DH) y = 0, ++n;
+      }
+    }
   }
   std::vector<char> started(np);
   alignas(64) T zeros[kKC] = {};
@@ -219,6 +238,16 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
   const int64_t ldp = div_up(Kt, L) * L + L;  // copy_short's slack
   std::vector<T> panel(packed ? MR * ldp : 0);
   std::vector<T> edges(packed && g.N % NR != 0 ? Kt * NR : 0);
+  // The destination rows a later panel writes first, prefetched for writing: their lines come
+  // from memory, and stores that miss fill the store buffer and stall the micro-kernel.
+  auto prefetch_dst = [&](int64_t p2, int64_t n0, int64_t ncols) {
+    if (p2 >= np) return;
+    const int mr2 = static_cast<int>(std::min<int64_t>(MR, rows - p2 * MR));
+    for (int r = 0; r < mr2; ++r) {
+      const T* c = crow[p2 * MR + r] + n0;
+      for (int64_t e = 0; e < ncols; e += 64 / int64_t(sizeof(T))) prefetch_for_write(c + e);
+    }
+  };
   for (int64_t n0 = 0; n0 < g.N; n0 += NC) {
     const int64_t ncols = std::min(NC, g.N - n0);
     const int64_t full = ncols / NR, tail = ncols % NR;
@@ -254,6 +283,7 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
           im2col_row(g, pn[at], py[at], px[at], row);
         }
         started[p] = 1;
+        prefetch_dst(p + kPrefetchPanels, n0, ncols);
         T* const* cr = crow.data() + p * MR;
         for (int64_t k0 = 0; k0 < Kt; k0 += kKC) {
           const int64_t kc = std::min(kKC, Kt - k0);
@@ -302,6 +332,7 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
                 }
               }
             }
+            if (tap == 0 && k0 == 0) prefetch_dst(p + kPrefetchPanels, n0, ncols);
             if (!any) continue;
             multiply(kc, a, bk, tail_b, crow.data() + p * MR, mr, started[p] != 0);
             started[p] = 1;
