@@ -315,6 +315,10 @@ def test_im2col_blocking(case, dtype):
     (2, 3, 9, 10, 100, 3, 3, (1, 1), (1, 1), (2, 1), 1, False),    # forward only, a tail panel
     (2, 32, 9, 9, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),      # grad_input / grad_weight
     (1, 15, 30, 30, 16, 3, 3, (1, 1), (2, 2), (2, 2), 1, True),    # every direction
+    # 1x1 with results of >= 8 MiB: written once, with streaming stores (forward; grad_input
+    # beside the zeros of the pixels a stride skips)
+    (2, 32, 128, 128, 64, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),
+    (2, 64, 128, 128, 32, 1, 1, (2, 2), (0, 0), (1, 1), 1, False),
 ], ids=_ids)
 def test_channels_last_gather_gemm(case, dtype):
     """One-group channels_last convolutions run on the (pixels x channels) matrices, the input

@@ -45,6 +45,7 @@ struct Simd<float> {
   static void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
   // Horizontal sum in a fixed order. (GCC 12's _mm512_reduce_add_* and unmasked 512-bit
   // shuffles trip -Wmaybe-uninitialized inside its own headers; the maskz forms do not.)
   static float reduce(V v) {
@@ -76,6 +77,7 @@ struct Simd<double> {
   static void store(double* p, V v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static void stream(double* p, V v) { _mm512_stream_pd(p, v); }
   static double reduce(V v) {
     V t = _mm512_add_pd(v, _mm512_maskz_shuffle_f64x2(0xFF, v, v, 0x4E));
     t = _mm512_add_pd(t, _mm512_maskz_shuffle_f64x2(0xFF, t, t, 0xB1));
@@ -157,6 +159,15 @@ struct PtrC {
   int64_t off;
   T* operator()(int r) const { return rows[r] + off; }
 };
+// PtrC whose whole vectors are written with streaming stores when the tile is not accumulated
+// into (the caller guarantees 64-byte aligned vectors, that no later call adds to the tile,
+// and fences).
+template <typename T>
+struct StreamPtrC : PtrC<T> {
+  static constexpr bool kStream = true;
+};
+template <typename COp>
+constexpr bool streams_c = requires { COp::kStream; };
 
 // C[0:mr, 0:ncols] (= or +=) A_panel @ B_panel over kc, NR values of each B row (a packed
 // panel, straight rows of a row-major matrix: the image, grad_output, an im2col block, or
@@ -200,6 +211,12 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, AOp a, BOp b, COp c, int
       if (valid <= 0) break;
       V out = S::add(acc[r][v], seed);
       if (valid >= L) {
+        if constexpr (streams_c<COp>) {
+          if (!accumulate) {
+            S::stream(crow + v * L, out);
+            continue;
+          }
+        }
         if (accumulate) out = S::add(out, S::load(crow + v * L));
         S::store(crow + v * L, out);
       } else {

@@ -34,6 +34,7 @@
 
 #include "cpu/conv2d.h"
 #include "cpu/conv2d_gemm.h"
+#include "cpu/memory_hints.h"
 
 namespace fastconv {
 namespace conv2d_cpu {
@@ -132,6 +133,7 @@ struct Gather {
   std::vector<int64_t> xmap;    // [x * kw + j]: likewise for columns
   std::vector<int64_t> xorder;  // the destination columns of a row, in the order they are visited
   bool dense_taps = true;       // most taps of most pixels exist (not a strided grad_input)
+  bool stream = false;          // one pass writes dst: streaming stores (set by gather_conv)
 };
 
 // The fewest columns (channels) a GEMM here takes: below 16 most of the micro-kernel's 32-64
@@ -255,14 +257,21 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
     // column n0), the partial last NR columns from tail_b (NR apart)
     auto multiply = [&](int64_t kc, const gemm::PtrA<T, MR>& a, const T* b, const T* tail_b,
                         T* const* cr, int mr, bool acc) {
-      for (int64_t q = 0; q < full; ++q) {
-        gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{b + q * NR, g.N},
-                                      gemm::PtrC<T>{cr, n0 + q * NR}, mr, NR, acc, nullptr);
-      }
-      if (tail != 0) {
-        gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{tail_b, NR},
-                                      gemm::PtrC<T>{cr, n0 + full * NR}, mr,
-                                      static_cast<int>(tail), acc, nullptr);
+      auto run = [&](auto c) {  // c: the C accessor type, PtrC or StreamPtrC
+        auto at = [&](int64_t off) { c.rows = cr, c.off = off; return c; };
+        for (int64_t q = 0; q < full; ++q) {
+          gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{b + q * NR, g.N}, at(n0 + q * NR),
+                                        mr, NR, acc, nullptr);
+        }
+        if (tail != 0) {
+          gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{tail_b, NR}, at(n0 + full * NR),
+                                        mr, static_cast<int>(tail), acc, nullptr);
+        }
+      };
+      if (g.stream) {
+        run(gemm::StreamPtrC<T>{});
+      } else {
+        run(gemm::PtrC<T>{});
       }
     };
     std::fill(started.begin(), started.end(), 0);
@@ -332,7 +341,7 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
                 }
               }
             }
-            if (tap == 0 && k0 == 0) prefetch_dst(p + kPrefetchPanels, n0, ncols);
+            if (tap == 0 && k0 == 0 && !g.stream) prefetch_dst(p + kPrefetchPanels, n0, ncols);
             if (!any) continue;
             multiply(kc, a, bk, tail_b, crow.data() + p * MR, mr, started[p] != 0);
             started[p] = 1;
@@ -349,6 +358,7 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
       }
     }
   }
+  if (g.stream) _mm_sfence();
 }
 
 // Tasks of whole panels whose output block (rows x min(N, nc) values, ~256 KiB) stays in L2
@@ -374,7 +384,13 @@ void gather_conv_tiled(const Gather<T>& g) {
 }
 
 template <typename T>
-void gather_conv(const Gather<T>& g) {
+void gather_conv(Gather<T>& g) {
+  // One tap and one block of the reduction, no bias pass: each tile of dst is written once, by
+  // one micro-kernel call, so a large dst takes streaming stores (whole 64-byte lines: rows of
+  // N values a multiple of 64 bytes apart).
+  g.stream = g.kh * g.kw == 1 && g.K <= gemm::kKC && g.bias == nullptr &&
+             g.N * int64_t(sizeof(T)) % 64 == 0 &&
+             stream_output(g.dst, g.batch * g.DH * g.DW * g.N * int64_t(sizeof(T)));
   switch (pick_tile<T>(g.N)) {
     case Tile::k8x3: return gather_conv_tiled<T, 8, 3>(g);
     case Tile::k6x4: return gather_conv_tiled<T, 6, 4>(g);
