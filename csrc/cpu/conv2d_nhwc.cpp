@@ -163,6 +163,15 @@ Tile pick_tile(int64_t n) {
   return static_cast<Tile>(best);
 }
 
+// n rounded up to the width of pick_tile's tile.
+template <typename T>
+int64_t padded_columns(int64_t n) {
+  const Tile t = pick_tile<T>(n);
+  const int64_t w = t == Tile::k8x3 ? gemm::nr<T, 3>() : t == Tile::k6x4 ? gemm::nr<T, 4>()
+                                                                          : gemm::nr<T, 2>();
+  return div_up(n, w) * w;
+}
+
 // dst[0:len] = src[0:len] (or zeros, src null) for the short rows of a packed panel, in whole
 // vectors: the source's tail read masked (never past its end), dst written up to len rounded
 // up to a vector (the caller's rows have that slack; a later copy overwrites it). memmove's
@@ -479,19 +488,26 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
   const int64_t units = taps * col_panels;
   const int64_t o_split = std::clamp<int64_t>(div_up(2 * threads, units), 1, o_panels);
   const int64_t o_per = div_up(o_panels, o_split);
+  // A 1x1 stride-1 convolution without padding reads x's rows in order: B is x itself.
+  const bool direct = taps == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
+                      s.pad_w == 0 && s.in_h == s.out_h && s.in_w == s.out_w;
   at::parallel_for(0, units * o_split, 1, [&](int64_t u0, int64_t u1) {
     std::vector<const T*> brows(kKC);
     std::vector<T> zeros(C, T(0));
     std::vector<int64_t> pn(kKC), py(kKC), px(kKC);
     alignas(64) T edge[kKC * NR];
     alignas(64) T abuf[kKC * MR];
+    int64_t cn = 0, cy = 0, cx = 0;  // the coordinates of pixel k0, counted up
     for (int64_t k0 = 0; k0 < P; k0 += kKC) {
       const int64_t kc = std::min(kKC, P - k0);
-      for (int64_t k = 0; k < kc; ++k) {
-        const int64_t p = k0 + k;
-        pn[k] = p / plane, py[k] = p % plane / s.out_w, px[k] = p % s.out_w;
+      for (int64_t k = 0; k < kc && !direct; ++k) {
+        pn[k] = cn, py[k] = cy, px[k] = cx;
+        if (++cx == s.out_w) {
+          cx = 0;
+          if (++cy == s.out_h) cy = 0, ++cn;
+        }
       }
-      int64_t built = -1;
+      int64_t built = direct ? 0 : -1;
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t tap = u / (col_panels * o_split);
         const int64_t q = u / o_split % col_panels, os = u % o_split;
@@ -507,7 +523,10 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
         }
         const int64_t n0 = q * NR, ncols = std::min(NR, C - n0);
         const gemm::PtrB<T> b{brows.data(), n0};
-        const T* eb = ncols < NR ? gemm::edge_panel<T, NR>(b, kc, ncols, edge) : nullptr;
+        const gemm::RowsB<T> rb{xp + k0 * C + n0, C};  // direct
+        const T* eb = ncols == NR ? nullptr
+                      : direct    ? gemm::edge_panel<T, NR>(rb, kc, ncols, edge)
+                                  : gemm::edge_panel<T, NR>(b, kc, ncols, edge);
         for (int64_t op = os * o_per; op < std::min(o_panels, (os + 1) * o_per); ++op) {
           const int64_t o0 = op * MR;
           const int mr = static_cast<int>(std::min<int64_t>(MR, O - o0));
@@ -522,6 +541,8 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
           if (eb != nullptr) {
             gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{eb, NR}, c, mr,
                                           static_cast<int>(ncols), k0 > 0, nullptr);
+          } else if (direct) {
+            gemm::micro_kernel<T, MR, NV>(kc, a, rb, c, mr, NR, k0 > 0, nullptr);
           } else {
             gemm::micro_kernel<T, MR, NV>(kc, a, b, c, mr, NR, k0 > 0, nullptr);
           }
@@ -532,8 +553,9 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
   weight_from_taps(R, false, gw);  // R is [taps][O][C]
 }
 
-// grad_weight with few input channels (a stem's 3, where the product's N = C would be mostly
-// padding): its transpose, gw^T [(tap, c)][o] = sum_p im2col(x)[p][(tap, c)] * go[p][o], with
+// grad_weight with few input channels (a stem's 3, or 16 float32 ones, where the product's
+// N = C would be mostly padding): its transpose,
+// gw^T [(tap, c)][o] = sum_p im2col(x)[p][(tap, c)] * go[p][o], with
 // the im2col rows of a block of pixels built in L2 (taps * C values each) and read as A's
 // columns, go read in place as B. The threads split the rows (taps * C) by panels; each builds
 // the blocks itself (a 1/O share of the multiply-adds). Each element sums all pixels in one
@@ -588,7 +610,11 @@ void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tenso
 template <typename T>
 void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
                         const Conv2dShape& s) {
-  if (s.in_channels < kMinColumns) {
+  // Its transpose, whose GEMM columns are the output channels, also where the input channels
+  // would leave half the tile padding: 16 float32 channels in the 8 x 2 tile (1x1 16->64
+  // 32x32 N=120 3.9-4.1 -> 2.1-2.2 ms, 3x3 16->64 56x56 N=8 2.7 -> 1.5 ms; with 24 or 32
+  // channels the two are even or the transpose slower).
+  if (s.in_channels < kMinColumns || 2 * s.in_channels <= padded_columns<T>(s.in_channels)) {
     switch (pick_tile<T>(s.out_channels)) {
       case Tile::k8x3: return grad_weight_transposed<T, 8, 3>(go, x, gw, s);
       case Tile::k6x4: return grad_weight_transposed<T, 6, 4>(go, x, gw, s);
