@@ -315,6 +315,9 @@ def test_im2col_blocking(case, dtype):
     (2, 3, 9, 10, 100, 3, 3, (1, 1), (1, 1), (2, 1), 1, False),    # forward only, a tail panel
     (2, 32, 9, 9, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),      # grad_input / grad_weight
     (1, 15, 30, 30, 16, 3, 3, (1, 1), (2, 2), (2, 2), 1, True),    # every direction
+    # grad_weight transposed over several 2048-pixel chunks (a short last one), summed in order
+    (3, 3, 50, 47, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),    # stem 3x3
+    (2, 24, 40, 41, 96, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),    # 24 -> 96: pads less
     # 1x1 with results of >= 8 MiB: written once, with streaming stores (forward; grad_input
     # beside the zeros of the pixels a stride skips)
     (2, 32, 128, 128, 64, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),

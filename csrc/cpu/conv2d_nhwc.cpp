@@ -163,13 +163,14 @@ Tile pick_tile(int64_t n) {
   return static_cast<Tile>(best);
 }
 
-// n rounded up to the width of pick_tile's tile.
+// The cells a rows x cols product computes in pick_tile(cols)'s tiles, padding included.
 template <typename T>
-int64_t padded_columns(int64_t n) {
-  const Tile t = pick_tile<T>(n);
+int64_t tile_area(int64_t rows, int64_t cols) {
+  const Tile t = pick_tile<T>(cols);
+  const int64_t mr = t == Tile::k6x4 ? 6 : 8;
   const int64_t w = t == Tile::k8x3 ? gemm::nr<T, 3>() : t == Tile::k6x4 ? gemm::nr<T, 4>()
                                                                           : gemm::nr<T, 2>();
-  return div_up(n, w) * w;
+  return div_up(rows, mr) * mr * div_up(cols, w) * w;
 }
 
 // dst[0:len] = src[0:len] (or zeros, src null) for the short rows of a packed panel, in whole
@@ -555,53 +556,73 @@ void grad_weight_gather_tiled(const at::Tensor& go, const at::Tensor& x, at::Ten
 
 // grad_weight with few input channels (a stem's 3, or 16 float32 ones, where the product's
 // N = C would be mostly padding): its transpose,
-// gw^T [(tap, c)][o] = sum_p im2col(x)[p][(tap, c)] * go[p][o], with
-// the im2col rows of a block of pixels built in L2 (taps * C values each) and read as A's
-// columns, go read in place as B. The threads split the rows (taps * C) by panels; each builds
-// the blocks itself (a 1/O share of the multiply-adds). Each element sums all pixels in one
-// order: the same bits for any thread count.
+// gw^T [(tap, c)][o] = sum_p im2col(x)[p][(tap, c)] * go[p][o], with the im2col rows of a
+// block of pixels built in L2 (taps * C values each) and read as A's columns, go read in place
+// as B. The threads split the pixels in chunks of a fixed size, each chunk's im2col built once
+// and its partial product kept apart; the partials are summed in chunk order: the same bits for
+// any thread count. (Splitting the rows instead made each thread build every block, and a
+// stem's 27 rows are 5 panels, 3 for one thread and 2 for the other.)
 template <typename T, int MR, int NV>
 void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
                             const Conv2dShape& s) {
   using gemm::kKC;
   constexpr int64_t NR = gemm::nr<T, NV>();
   constexpr int64_t L = gemm::Simd<T>::kLanes;
+  constexpr int64_t kChunk = 8 * kKC;  // pixels: a stem's 27 x 32 partial per 2048 pixels
   const Gather<T> g = forward_geometry<T>(x, s);
   const int64_t O = s.out_channels, C = s.in_channels, taps = s.kernel_h * s.kernel_w;
   const int64_t Kt = taps * C, ldp = div_up(Kt, L) * L + L;
   const int64_t plane = s.out_h * s.out_w, P = s.batch * plane;
-  const int64_t full = O / NR, tail = O % NR;
-  at::Tensor result = at::empty({Kt, O}, gw.options());
-  T* R = result.mutable_data_ptr<T>();
+  const int64_t full = O / NR, tail = O % NR, panels = div_up(Kt, MR);
+  const int64_t chunks = div_up(P, kChunk);
+  at::Tensor parts = at::empty({chunks, Kt, O}, gw.options());
+  T* R = parts.mutable_data_ptr<T>();
   const T* gop = go.const_data_ptr<T>();
-  at::parallel_for(0, div_up(Kt, MR), 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> cols(kKC * ldp);
     std::vector<T> edge(tail != 0 ? kKC * NR : 0);
-    for (int64_t k0 = 0; k0 < P; k0 += kKC) {
-      const int64_t kc = std::min(kKC, P - k0);
-      for (int64_t k = 0; k < kc; ++k) {
-        const int64_t p = k0 + k;
-        im2col_row(g, p / plane, p % plane / s.out_w, p % s.out_w, cols.data() + k * ldp);
-      }
-      const T* gk = gop + k0 * O;
-      if (tail != 0) {
-        gemm::edge_panel<T, NR>(gemm::RowsB<T>{gk + full * NR, O}, kc, tail, edge.data());
-      }
-      for (int64_t pp = p0; pp < p1; ++pp) {
-        const int64_t r0 = pp * MR;
-        const int mr = static_cast<int>(std::min<int64_t>(MR, Kt - r0));
-        const gemm::ColumnsA<T> a{cols.data() + r0, ldp};  // rows past Kt read the slack
-        for (int64_t q = 0; q < full; ++q) {
-          gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{gk + q * NR, O},
-                                        gemm::RowsC<T>{R + r0 * O + q * NR, O}, mr, NR, k0 > 0,
-                                        nullptr);
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      const int64_t first = chunk * kChunk, last = std::min(P, first + kChunk);
+      T* dst = R + chunk * Kt * O;
+      int64_t n = first / plane, y = first % plane / s.out_w, xo = first % s.out_w;
+      for (int64_t k0 = first; k0 < last; k0 += kKC) {
+        const int64_t kc = std::min(kKC, last - k0);
+        for (int64_t k = 0; k < kc; ++k) {
+          im2col_row(g, n, y, xo, cols.data() + k * ldp);
+          if (++xo == s.out_w) {
+            xo = 0;
+            if (++y == s.out_h) y = 0, ++n;
+          }
         }
+        const T* gk = gop + k0 * O;
         if (tail != 0) {
-          gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{edge.data(), NR},
-                                        gemm::RowsC<T>{R + r0 * O + full * NR, O}, mr,
-                                        static_cast<int>(tail), k0 > 0, nullptr);
+          gemm::edge_panel<T, NR>(gemm::RowsB<T>{gk + full * NR, O}, kc, tail, edge.data());
+        }
+        const bool accumulate = k0 > first;
+        for (int64_t pp = 0; pp < panels; ++pp) {
+          const int64_t r0 = pp * MR;
+          const int mr = static_cast<int>(std::min<int64_t>(MR, Kt - r0));
+          const gemm::ColumnsA<T> a{cols.data() + r0, ldp};  // rows past Kt read the slack
+          for (int64_t q = 0; q < full; ++q) {
+            gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{gk + q * NR, O},
+                                          gemm::RowsC<T>{dst + r0 * O + q * NR, O}, mr, NR,
+                                          accumulate, nullptr);
+          }
+          if (tail != 0) {
+            gemm::micro_kernel<T, MR, NV>(kc, a, gemm::RowsB<T>{edge.data(), NR},
+                                          gemm::RowsC<T>{dst + r0 * O + full * NR, O}, mr,
+                                          static_cast<int>(tail), accumulate, nullptr);
+          }
         }
       }
+    }
+  });
+  // chunk 0's slice += each later chunk's, in chunk order
+  const int64_t size = Kt * O;
+  at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const T* src = R + chunk * size;
+      for (int64_t i = i0; i < i1; ++i) R[i] += src[i];
     }
   });
   weight_from_taps(R, true, gw);  // R is [taps][C][O]
@@ -610,11 +631,15 @@ void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tenso
 template <typename T>
 void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& gw,
                         const Conv2dShape& s) {
-  // Its transpose, whose GEMM columns are the output channels, also where the input channels
-  // would leave half the tile padding: 16 float32 channels in the 8 x 2 tile (1x1 16->64
-  // 32x32 N=120 3.9-4.1 -> 2.1-2.2 ms, 3x3 16->64 56x56 N=8 2.7 -> 1.5 ms; with 24 or 32
-  // channels the two are even or the transpose slower).
-  if (s.in_channels < kMinColumns || 2 * s.in_channels <= padded_columns<T>(s.in_channels)) {
+  // Its transpose, whose GEMM columns are the output channels, where its tiles pad less:
+  // O x C per tap against (taps * C) x O. Alternating processes, float32 on AVX-512 (tiles of
+  // 32, 48 or 64 columns): 1x1 24->96 16x16 N=128 1.39 -> 0.93 ms, 40->160 8x8 0.65 -> 0.55,
+  // 16->64 32x32 N=120 3.9-4.1 -> 1.74, 3x3 16->64 56x56 N=8 2.7 -> 1.5; 3x3 32->64 (even)
+  // about the same either way, 1x1 32->16 (the transpose pads O to 32) 0.8 -> 2.2 ms.
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  if (s.in_channels < kMinColumns ||
+      tile_area<T>(taps * s.in_channels, s.out_channels) <
+          taps * tile_area<T>(s.out_channels, s.in_channels)) {
     switch (pick_tile<T>(s.out_channels)) {
       case Tile::k8x3: return grad_weight_transposed<T, 8, 3>(go, x, gw, s);
       case Tile::k6x4: return grad_weight_transposed<T, 6, 4>(go, x, gw, s);
