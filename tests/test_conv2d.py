@@ -322,6 +322,7 @@ def test_im2col_blocking(case, dtype):
     # beside the zeros of the pixels a stride skips)
     (2, 32, 128, 128, 64, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),
     (2, 64, 128, 128, 32, 1, 1, (2, 2), (0, 0), (1, 1), 1, False),
+    (2, 32, 256, 256, 16, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),  # 16 columns: 8 x 1 tiles
 ], ids=_ids)
 def test_channels_last_gather_gemm(case, dtype):
     """One-group channels_last convolutions run on the (pixels x channels) matrices, the input
