@@ -587,10 +587,17 @@ void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tenso
   at::Tensor parts = at::empty({chunks, Kt, O}, gw.options());
   T* R = parts.mutable_data_ptr<T>();
   const T* gop = go.const_data_ptr<T>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  // Fewer chunks than threads (small maps): each chunk's row panels split among threads too,
+  // each part building the chunk's im2col itself (the sums stay the same).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_split = std::clamp<int64_t>(div_up(threads, chunks), 1, panels);
+  const int64_t per_split = div_up(panels, row_split);
+  at::parallel_for(0, chunks * row_split, 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> cols(kKC * ldp);
     std::vector<T> edge(tail != 0 ? kKC * NR : 0);
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t chunk = u / row_split, split = u % row_split;
+      const int64_t pp0 = split * per_split, pp1 = std::min(panels, pp0 + per_split);
       const int64_t first = chunk * kChunk, last = std::min(P, first + kChunk);
       T* dst = R + chunk * Kt * O;
       int64_t n = first / plane, y = first % plane / s.out_w, xo = first % s.out_w;
@@ -608,7 +615,7 @@ void grad_weight_transposed(const at::Tensor& go, const at::Tensor& x, at::Tenso
           gemm::edge_panel<T, NR>(gemm::RowsB<T>{gk + full * NR, O}, kc, tail, edge.data());
         }
         const bool accumulate = k0 > first;
-        for (int64_t pp = 0; pp < panels; ++pp) {
+        for (int64_t pp = pp0; pp < pp1; ++pp) {
           const int64_t r0 = pp * MR;
           const int mr = static_cast<int>(std::min<int64_t>(MR, Kt - r0));
           const gemm::ColumnsA<T> a{cols.data() + r0, ldp};  // rows past Kt read the slack
@@ -645,10 +652,13 @@ void grad_weight_gather(const at::Tensor& go, const at::Tensor& x, at::Tensor& g
   // 32, 48 or 64 columns): 1x1 24->96 16x16 N=128 1.39 -> 0.93 ms, 40->160 8x8 0.65 -> 0.55,
   // 16->64 32x32 N=120 3.9-4.1 -> 1.74, 3x3 16->64 56x56 N=8 2.7 -> 1.5; 3x3 32->64 (even)
   // about the same either way, 1x1 32->16 (the transpose pads O to 32) 0.8 -> 2.2 ms.
+  // Only by a clear margin (1/8 fewer cells): it builds im2col rows of taps * C values where
+  // the other reads x's rows in place. (Taken at 0.8 % fewer cells, 3x3 256->256 14x14 N=8
+  // fell from 0.88x to 0.68x torch fwd+bwd in the bench, its 1568 pixels one chunk, one thread.)
   const int64_t taps = s.kernel_h * s.kernel_w;
   if (s.in_channels < kMinColumns ||
-      tile_area<T>(taps * s.in_channels, s.out_channels) <
-          taps * tile_area<T>(s.out_channels, s.in_channels)) {
+      8 * tile_area<T>(taps * s.in_channels, s.out_channels) <
+          7 * taps * tile_area<T>(s.out_channels, s.in_channels)) {
     switch (pick_tile<T>(s.out_channels)) {
       case Tile::k8x3: return grad_weight_transposed<T, 8, 3>(go, x, gw, s);
       case Tile::k6x4: return grad_weight_transposed<T, 6, 4>(go, x, gw, s);
