@@ -308,8 +308,9 @@ def test_im2col_blocking(case, dtype):
     (4, 257, 6, 5, 97, 1, 1, (1, 1), (0, 0), (1, 1), 1, True),
     (1, 80, 6, 6, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),      # forward tap by tap
     # <= 64 channels in the reduction: a panel's taps copied side by side (not for a strided
-    # grad_input); fewer than 16 in the result: NCHW copies, but for grad_weight, which then
-    # computes its transpose (im2col rows as A)
+    # grad_input); fewer than 16 in the result: the forward on NCHW copies, grad_weight its
+    # transpose (im2col rows as A), grad_input go times the weight as O x (C * taps) then a
+    # col2im gather (NCHW copies where C * taps < 16)
     (2, 3, 20, 19, 32, 7, 7, (2, 2), (3, 3), (1, 1), 1, True),     # stem (grad_weight transposed)
     (2, 5, 30, 30, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),     # ... past one pixel block
     (2, 3, 9, 10, 100, 3, 3, (1, 1), (1, 1), (2, 1), 1, False),    # forward only, a tail panel
@@ -323,6 +324,11 @@ def test_im2col_blocking(case, dtype):
     (2, 32, 128, 128, 64, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),
     (2, 64, 128, 128, 32, 1, 1, (2, 2), (0, 0), (1, 1), 1, False),
     (2, 32, 256, 256, 16, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),  # 16 columns: 8 x 1 tiles
+    # grad_input by col2im: strided and uneven; cols built a few images at a time (past 4 MiB)
+    (3, 2, 23, 17, 24, 5, 3, (3, 2), (1, 2), (1, 1), 1, True),
+    (5, 3, 64, 64, 40, 7, 7, (1, 1), (3, 3), (1, 1), 1, False),
+    (2, 8, 9, 9, 16, 1, 2, (1, 1), (0, 0), (1, 1), 1, False),       # 16 (channel, tap) columns
+    (2, 7, 9, 9, 16, 1, 2, (1, 1), (0, 0), (1, 1), 1, False),       # 14: NCHW copies
 ], ids=_ids)
 def test_channels_last_gather_gemm(case, dtype):
     """One-group channels_last convolutions run on the (pixels x channels) matrices, the input
@@ -352,7 +358,7 @@ def test_channels_last_gather_gemm(case, dtype):
     assert_close(gx, ref[0], dtype=dtype, reduction=o * kh * kwid)
     for a, e in zip(got[1][2:], ref[1:]):
         assert_close(a, e, dtype=dtype, reduction=n * exp.shape[2] * exp.shape[3])
-    gathered = [o >= 16, c >= 16, max(c, o) >= 16]  # out, grad_input, grad_weight
+    gathered = [o >= 16, c * kh * kwid >= 16, max(c, o) >= 16]  # out, grad_input, grad_weight
     for threads in (2, 3):
         for a, e, g in zip(got[threads], got[1], gathered):
             assert torch.equal(a, e) or not g
@@ -361,6 +367,7 @@ def test_channels_last_gather_gemm(case, dtype):
 @pytest.mark.parametrize("case", [
     (1, 16, 4, 3, 16, 2, 2, (1, 1), (1, 1), (1, 1), 1, True),      # taps packed
     (1, 3, 7, 7, 16, 3, 3, (2, 2), (1, 1), (1, 1), 1, True),       # stem: transposed grad_weight
+    (2, 2, 6, 5, 16, 3, 2, (1, 2), (2, 0), (2, 1), 1, False),      # grad_input by col2im
     (1, 16, 5, 6, 16, 1, 1, (2, 2), (0, 0), (1, 1), 1, True),      # strided 1x1, gi by phase
     (1, 65, 2, 3, 16, 1, 2, (1, 1), (0, 1), (1, 1), 1, False),     # tap by tap (K > 64)
 ], ids=_ids)

@@ -88,7 +88,8 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor
                             conv_memory_format(grad_output, weight));
   advise_huge_pages(gi);
   if (gi.numel() == 0) return gi;
-  if (channels_last_gemm(a, s, gi, s.in_channels)) {
+  // below 16 input channels the GEMM's columns are the (channel, tap) pairs (grad_input_cols)
+  if (channels_last_gemm(a, s, gi, s.in_channels * s.kernel_h * s.kernel_w)) {
     conv2d_cpu::nhwc_grad_input(grad_output.contiguous(at::MemoryFormat::ChannelsLast), weight,
                                 gi, s);
     return gi;

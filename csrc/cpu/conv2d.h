@@ -27,9 +27,11 @@ bool use_own_gemm(at::ScalarType st);
 
 // channels_last convolutions without NCHW copies (conv2d_nhwc.cpp): one group, float32 /
 // float64 with the own GEMM, at least 16 columns in the GEMM (n: out_channels for the forward,
-// in_channels for grad_input, the larger of the two for grad_weight). x, grad_output and the
-// results channels_last contiguous, grad_weight contiguous. A sum over the taps of products of
-// (pixels x channels) matrices with the weight, the activations' rows gathered in place.
+// in_channels * taps for grad_input, the larger of in / out_channels for grad_weight). x,
+// grad_output and the results channels_last contiguous, grad_weight contiguous. A sum over the
+// taps of products of (pixels x channels) matrices with the weight, the activations' rows
+// gathered in place; grad_input with < 16 input channels: go times the weight as O x (C * taps),
+// then a col2im gather.
 bool nhwc_applies(const Conv2dShape& s, at::ScalarType st, int64_t n);
 void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& out, const Conv2dShape& s);

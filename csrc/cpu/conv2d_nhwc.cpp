@@ -143,6 +143,9 @@ constexpr int64_t kMinColumns = 16;
 // Channel counts (the reduction's slice per tap) up to which gather_task copies a panel's taps
 // side by side. 64: 3x3 32->64 112x112 forward 10.3-10.4 ms against 11.0-11.5 tap by tap.
 constexpr int64_t kPackedTapsMax = 64;
+// The bytes of grad_input_cols's product built per pass (whole images, at least one). 1 and
+// 4 MiB time the same on stems (3x3 3->64 224x224 N=8: 9.4 ms), 16 MiB 10.9, all at once 22.7.
+constexpr int64_t kColsBytes = int64_t{4} << 20;
 // Panels ahead whose source rows gather_task prefetches. Inputs not in cache (rotating input
 // sets, 2 threads): 1x1 144->24 56x56 forward 1.34-1.40 -> 0.69-0.89 ms, 64->256 2.73-2.77 ->
 // 2.30-2.47 ms.
@@ -479,6 +482,86 @@ void grad_input_gather(const at::Tensor& go, const at::Tensor& weight, at::Tenso
   gather_conv(g);
 }
 
+// col2im as a gather, for rows [r0, r1) of nb images: gi[n, y, x, c] = the sum over the taps
+// (i, j) that reach (y, x) of cols[n, oy, ox, (i * kw + j) * C + c], in that order, in
+// registers (C < kMinColumns; CC > 0: C known at compile time).
+template <typename T, int CC>
+void col2im_rows(const T* cols, T* gi, int64_t r0, int64_t r1, int64_t C_,
+                 const Conv2dShape& s, const std::vector<int64_t>& ymap,
+                 const std::vector<int64_t>& xmap) {
+  const int64_t C = CC > 0 ? CC : C_, kh = s.kernel_h, kw = s.kernel_w;
+  const int64_t KC = C * kh * kw;
+  std::vector<const T*> rows(kh);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / s.in_h, y = r % s.in_h;
+    int64_t nr = 0;  // the taps' rows of cols that reach row y (tap i's columns)
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t oy = ymap[y * kh + i];
+      if (oy >= 0) rows[nr++] = cols + (n * s.out_h + oy) * s.out_w * KC + i * kw * C;
+    }
+    T* dst = gi + r * s.in_w * C;
+    for (int64_t x = 0; x < s.in_w; ++x) {
+      T acc[CC > 0 ? CC : kMinColumns] = {};
+      const int64_t* xm = xmap.data() + x * kw;
+      for (int64_t v = 0; v < nr; ++v) {
+        for (int64_t j = 0; j < kw; ++j) {
+          if (xm[j] < 0) continue;
+          const T* src = rows[v] + xm[j] * KC + j * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += src[c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) dst[x * C + c] = acc[c];
+    }
+  }
+}
+
+// grad_input with fewer than kMinColumns input channels (a stem's 3): the gathered GEMM's C
+// columns would be mostly padding, so it takes the other order. cols = go (P x O) times the
+// weight as O x (taps * C) -- a 1x1 forward over go -- then each input pixel sums its taps'
+// entries of cols (col2im_rows). cols is built for a few images at a time, so it stays in
+// cache. Alternating, 3x3 3->64 224x224 N=8 float32: 92 ms on NCHW copies -> 11 ms (torch 19).
+template <typename T>
+void grad_input_cols(const at::Tensor& go, const at::Tensor& weight, at::Tensor& gi,
+                     const Conv2dShape& s) {
+  const int64_t C = s.in_channels, taps = s.kernel_h * s.kernel_w;
+  const int64_t KC = C * taps, plane = s.out_h * s.out_w;
+  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // B: [O][kh][kw][C]
+  const int64_t per = std::clamp<int64_t>(
+      kColsBytes / std::max<int64_t>(1, plane * KC * int64_t(sizeof(T))), 1, s.batch);
+  at::Tensor cols_t = at::empty({per * plane * KC}, w.options());
+  T* cols = cols_t.mutable_data_ptr<T>();
+  const T* gop = go.const_data_ptr<T>();
+  T* gip = gi.mutable_data_ptr<T>();
+  const std::vector<int64_t> ymap = tap_map(true, s.in_h, s.kernel_h, s.out_h, s.stride_h,
+                                            s.dil_h, s.pad_h);
+  const std::vector<int64_t> xmap = tap_map(true, s.in_w, s.kernel_w, s.out_w, s.stride_w,
+                                            s.dil_w, s.pad_w);
+  for (int64_t n0 = 0; n0 < s.batch; n0 += per) {
+    const int64_t nb = std::min(per, s.batch - n0);
+    Gather<T> g;
+    g.src = gop + n0 * plane * s.out_channels, g.SH = s.out_h, g.SW = s.out_w;
+    g.K = s.out_channels;
+    g.dst = cols, g.DH = s.out_h, g.DW = s.out_w, g.N = KC;
+    g.B = w.const_data_ptr<T>();
+    g.batch = nb, g.kh = 1, g.kw = 1;
+    g.ymap = tap_map(false, s.out_h, 1, s.out_h, 1, 1, 0);
+    g.xmap = tap_map(false, s.out_w, 1, s.out_w, 1, 1, 0);
+    g.xorder.resize(s.out_w);
+    for (int64_t x0 = 0; x0 < s.out_w; ++x0) g.xorder[x0] = x0;
+    gather_conv(g);
+    T* dst = gip + n0 * s.in_h * s.in_w * C;
+    at::parallel_for(0, nb * s.in_h, parallel_grain(s.in_w * KC), [&](int64_t r0, int64_t r1) {
+      switch (C) {
+        case 1: return col2im_rows<T, 1>(cols, dst, r0, r1, C, s, ymap, xmap);
+        case 2: return col2im_rows<T, 2>(cols, dst, r0, r1, C, s, ymap, xmap);
+        case 3: return col2im_rows<T, 3>(cols, dst, r0, r1, C, s, ymap, xmap);
+        case 4: return col2im_rows<T, 4>(cols, dst, r0, r1, C, s, ymap, xmap);
+        default: return col2im_rows<T, 0>(cols, dst, r0, r1, C, s, ymap, xmap);
+      }
+    });
+  }
+}
+
 // R[tap][o][c] = sum_p go[p, o] * x_tap[p, c] over the P output pixels, x_tap[p] the input
 // pixel tap reads for output pixel p (zero in the padding).
 template <typename T, int MR, int NV>
@@ -692,7 +775,11 @@ void nhwc_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 void nhwc_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Conv2dShape& s) {
   FASTCONV_DISPATCH_OWN_GEMM(grad_output.scalar_type(), [&] {
-    grad_input_gather<scalar_t>(grad_output, weight, grad_input, s);
+    if (s.in_channels < kMinColumns) {
+      grad_input_cols<scalar_t>(grad_output, weight, grad_input, s);
+    } else {
+      grad_input_gather<scalar_t>(grad_output, weight, grad_input, s);
+    }
   })
 }
 
