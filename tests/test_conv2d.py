@@ -313,6 +313,11 @@ def test_im2col_blocking(case, dtype):
     # col2im gather (NCHW copies where C * taps < 16)
     (2, 3, 20, 19, 32, 7, 7, (2, 2), (3, 3), (1, 1), 1, True),     # stem (grad_weight transposed)
     (2, 5, 30, 30, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),     # ... past one pixel block
+    # panels of a row's inner pixels read x in place, tap row by tap row (a 5 x 64 row is
+    # past one reduction block; 24 columns: a partial tile)
+    (2, 64, 7, 21, 24, 5, 5, (1, 1), (2, 2), (1, 1), 1, True),
+    (2, 3, 12, 40, 32, 3, 3, (2, 2), (1, 1), (1, 1), 1, False),
+    (2, 16, 9, 12, 20, 3, 1, (1, 1), (1, 0), (1, 1), 1, True),      # kw = 1: grad_input too
     (2, 3, 9, 10, 100, 3, 3, (1, 1), (1, 1), (2, 1), 1, False),    # forward only, a tail panel
     (2, 32, 9, 9, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),      # grad_input / grad_weight
     (1, 15, 30, 30, 16, 3, 3, (1, 1), (2, 2), (2, 2), 1, True),    # every direction
