@@ -306,8 +306,8 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
         // row's kw * K values of a pixel are adjacent in x, so A reads them in place, one
         // product per tap row, instead of copying them side by side. Alternating processes,
         // float32 N=8 224x224: 3x3 s2 3->32 forward 2.41-2.73 -> 1.29-1.55 ms, 3x3 3->32 32x32
-        // N=128 1.64-2.25 -> 1.31-1.42, 3x3 32->64 112x112 9.6-9.7 -> 8.6-8.8; 7x7 s2 3->64 and
-        // 4x4 s4 3->96 within the noise.
+        // N=128 1.64-2.25 -> 1.31-1.42, 3x3 32->64 112x112 9.6-9.7 -> 8.6-8.8, 3x3 64->64 56x56
+        // 4.7-5.3 -> 4.2-4.9; 7x7 s2 3->64 and 4x4 s4 3->96 within the noise.
         if (mr == MR) {
           const int64_t a0 = p * MR, a1 = a0 + MR - 1;
           const int64_t* xf = g.xmap.data() + px[a0] * g.kw;
@@ -315,6 +315,27 @@ void gather_task(const Gather<T>& g, int64_t m0, int64_t m1) {
           if (pn[a0] == pn[a1] && py[a0] == py[a1] && px[a1] - px[a0] == MR - 1 && xf[0] >= 0 &&
               xl[g.kw - 1] >= 0 && xf[g.kw - 1] == xf[0] + g.kw - 1) {
             prefetch_dst(p + kPrefetchPanels, n0, ncols);
+            if (p + kPrefetchPanels < np) {
+              // a later panel's input spans, one per tap row, as the tap-by-tap path prefetches
+              // its rows (the copies had many loads in flight; the micro-kernel's broadcasts
+              // wait on each miss): 3x3 s2 64->128 56x56 forward 2.49-2.52 -> 2.25-2.39 ms
+              // (copying: 2.35-2.59), 3x3 s2 3->32 224x224 1.30-1.85 -> 1.14-1.23
+              const int64_t b0 = (p + kPrefetchPanels) * MR;
+              const int64_t b1 = std::min(rows, b0 + MR) - 1;
+              if (pn[b0] == pn[b1] && py[b0] == py[b1]) {
+                const int64_t* yf = g.ymap.data() + py[b0] * g.kh;
+                const int64_t lo = std::max<int64_t>(0, g.xmap[px[b0] * g.kw]);
+                int64_t hi = -1;
+                for (int64_t j = 0; j < g.kw; ++j) hi = std::max(hi, g.xmap[px[b1] * g.kw + j]);
+                for (int64_t i = 0; i < g.kh && hi >= lo; ++i) {
+                  if (yf[i] < 0) continue;
+                  const T* row = g.src + ((pn[b0] * g.SH + yf[i]) * g.SW) * g.K;
+                  for (int64_t e = lo * g.K; e < (hi + 1) * g.K; e += 64 / int64_t(sizeof(T))) {
+                    __builtin_prefetch(row + e);
+                  }
+                }
+              }
+            }
             T* const* cr = crow.data() + p * MR;
             bool acc = false;
             for (int64_t i = 0; i < g.kh; ++i) {
